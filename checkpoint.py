@@ -1,0 +1,74 @@
+"""Training checkpoints that a crash cannot corrupt, and that can be sampled from directly.
+
+A checkpoint is a folder `OUTPUT/checkpoint-STEP/` holding
+- the method's result files, exactly as the final output (a diffusers model folder, a LoRA file or a
+  learned-embeddings file, plus `nanobooth.json`), so `sample.py --model OUTPUT/checkpoint-STEP` works;
+- `training_state.pt`: step, optimizer, lr scheduler and random-generator states (tensors and plain
+  Python values only, read back with `torch.load(weights_only=True)`).
+
+It is written into `.checkpoint-STEP.tmp/` and renamed into place when complete (a rename is atomic on
+one file system), so the newest `checkpoint-*` folder is always whole; a crash leaves at most a `.tmp`
+folder, which the next save removes and `latest_checkpoint` never picks.
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "training_state.pt"
+
+
+def checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(output_dir, step: int, write_result, state: dict, total_limit: int | None = None) -> Path:
+    """Write a checkpoint atomically: `write_result(folder)` writes the method's files, `state` the rest."""
+    output_dir = Path(output_dir)
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_result(tmp)
+    torch.save({**state, "step": step}, tmp / STATE_FILE)
+    if final.exists():                          # same step saved again (e.g. after a resume): replace it
+        old = output_dir / f".checkpoint-{step}.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    if total_limit:                             # prune the oldest, never the one just written
+        for old in checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(folder) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"'{folder}' is not a complete checkpoint: {STATE_FILE} is missing")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resolve_resume(output_dir, resume: str | None) -> Path | None:
+    """--resume_from_checkpoint: a checkpoint folder, or 'latest' (None if the output has none yet)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        path = Path(output_dir) / resume
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_FILE})")
+    return path

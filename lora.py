@@ -1,0 +1,296 @@
+"""LoRA: trainable low-rank updates on frozen Linear and 1x1-conv layers.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685. A frozen layer
+`W` gets a trainable update of rank r: `y = W x + (alpha / r) * B(A(x))`, with A: in -> r, B: r -> out.
+B starts at zero, so training starts from the base model exactly. Init and scale follow peft's
+`lora.Linear` / `lora.Conv2d`, the layers diffusers uses.
+
+Checkpoint-name contract: a LoRA layer replaces the layer at the same path and keeps its parameters as
+`weight` / `bias`, so the base keys are unchanged (`...attn2.to_k.weight` still loads strict=True), and
+adds `...attn2.to_k.lora_A.weight` / `...lora_B.weight`, the names peft gives them. A LoRA file is these
+keys under a model prefix (`unet.`, `text_encoder.`): diffusers' `pytorch_lora_weights.safetensors`.
+
+Shapes: A (r, in) or (r, in, 1, 1), B (out, r) or (out, r, 1, 1); r the rank.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hub import atomic_write
+
+# The attention projections: what diffusers' DreamBooth LoRA script targets in the UNet.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name `load_lora_weights(folder)` looks for
+
+
+# ----------------------------------------------------------------------------- layers
+
+class LoRALayer(nn.Module):
+    """What LoRALinear and LoRAConv2d share: the frozen base weight/bias, A and B, scale, merging."""
+
+    def __init__(self, base: nn.Module, lora_A: nn.Module, lora_B: nn.Module, rank: int, alpha, dropout: float):
+        super().__init__()
+        # the base tensors themselves (no copy) under the base names, so the state-dict keys do not change
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.scale = self.alpha / rank
+        # LoRA weights stay fp32 whatever the base dtype: fp16 trainable weights break gradient unscaling
+        # (peft does the same with `autocast_adapter_dtype=True`)
+        self.lora_A = lora_A.to(device=base.weight.device, dtype=torch.float32)
+        self.lora_B = lora_B.to(device=base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's init: nn.Linear's default
+        nn.init.zeros_(self.lora_B.weight)                             # the update starts at 0 (paper, 4.1)
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def base_forward(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        out = self.base_forward(x)
+        if self.merged:  # the update already lives in `weight`
+            return out
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return out + self.scale * lora.to(out.dtype)
+
+    def delta_weight(self):
+        """scale * B @ A in the base weight's shape (a 1x1 conv is a matrix on the channels)."""
+        return (self.lora_B.weight.flatten(1) @ self.lora_A.weight.flatten(1)).view(self.weight.shape) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into `weight` (no extra cost at inference); forward then skips the LoRA branch."""
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self):
+        return f"rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha=None, dropout: float = 0.0):
+        super().__init__(base, nn.Linear(base.in_features, rank, bias=False),
+                         nn.Linear(rank, base.out_features, bias=False), rank, alpha, dropout)
+
+    def base_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA on a 1x1 convolution (SD1's `proj_in` / `proj_out`): A and B are 1x1 convs too."""
+
+    def __init__(self, base: nn.Conv2d, rank: int = 4, alpha=None, dropout: float = 0.0):
+        if not is_pointwise_conv(base):
+            raise ValueError(f"LoRAConv2d takes a 1x1 conv (stride 1, no padding, groups 1), got {base}")
+        super().__init__(base, nn.Conv2d(base.in_channels, rank, 1, bias=False),
+                         nn.Conv2d(rank, base.out_channels, 1, bias=False), rank, alpha, dropout)
+
+    def base_forward(self, x):
+        return F.conv2d(x, self.weight, self.bias)
+
+
+def is_pointwise_conv(m) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding in ((0, 0), "valid")
+            and m.groups == 1 and m.dilation == (1, 1))
+
+
+def wrap(module: nn.Module, name: str, rank: int, alpha, dropout: float = 0.0) -> LoRALayer:
+    if isinstance(module, LoRALayer):
+        raise ValueError(f"'{name}' already has a LoRA: inject once, or load into the injected model")
+    if isinstance(module, nn.Linear):
+        return LoRALinear(module, rank, alpha, dropout)
+    if is_pointwise_conv(module):
+        return LoRAConv2d(module, rank, alpha, dropout)
+    raise TypeError(f"'{name}' is a {module}: LoRA targets must be nn.Linear or 1x1 nn.Conv2d")
+
+
+# ----------------------------------------------------------------------------- injection
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)  # works for ModuleList children ("to_out.0") too
+
+
+def inject_lora(model: nn.Module, targets=UNET_TARGETS, rank: int = 4, alpha=None, filter=None,
+                dropout: float = 0.0) -> list[str]:
+    """Replace every module whose name ends with a target (on a `.` boundary) by its LoRA layer.
+
+    `targets` are explicit suffixes ("to_out.0" matches "...attn1.to_out.0", not "...xto_out.0");
+    `filter(name) -> bool` narrows further (e.g. `lambda n: ".attn2." in n` for cross-attention only).
+    alpha defaults to rank (diffusers' default `lora_alpha`), i.e. scale 1. Freezes nothing else: see
+    `mark_only_lora_trainable`. Returns the replaced module names.
+    """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    names = [name for name, _ in model.named_modules()
+             if any(name == t or name.endswith("." + t) for t in targets) and (filter is None or filter(name))]
+    if not names:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
+        raise ValueError(f"inject_lora: no module of {type(model).__name__} ends with any of {targets}"
+                         f"{' (after filter)' if filter else ''}; its Linear layers are named like {linears}")
+    for name in names:
+        replace_module(model, name, wrap(model.get_submodule(name), name, rank, alpha, dropout))
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything but A and B; returns the trainable parameters (for the optimizer)."""
+    model.requires_grad_(False)
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{'{path}.lora_A.weight': A, '{path}.lora_B.weight': B} for every LoRA layer."""
+    sd = {}
+    for name, m in lora_layers(model).items():
+        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = m.lora_A.weight, m.lora_B.weight
+    return sd
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the LoRA keys: loads strict=True into the un-injected model.
+    After `merge_lora` it is the fine-tuned model (base weights plus the update)."""
+    lora_keys = set(lora_state_dict(model))
+    return {k: v for k, v in model.state_dict().items() if k not in lora_keys}
+
+
+# ----------------------------------------------------------------------------- files
+# One file holds `{prefix}.{path}.lora_A.weight` / `.lora_B.weight` for each model (`unet`, `text_encoder`),
+# B unscaled. Its metadata carries the scale twice: diffusers' own `lora_adapter_metadata` (a peft
+# `LoraConfig` per prefix: r, lora_alpha, target_modules; read by `load_lora_weights` / `load_lora_adapter`
+# since diffusers 0.34), and ours, `nanobooth` = {prefix: {rank, alpha}}. kohya / A1111 export would be
+# a key rename of `lora_state_dict` (`lora_unet_{path with _}.lora_down/up.weight` plus an `.alpha`
+# tensor) written beside `save_lora`.
+
+def lora_file(path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+
+
+def save_lora(path, model, prefix: str = "unet") -> Path:
+    """Write the LoRA weights of `model` (or of each model in a {prefix: model} dict) to one file.
+    `path` is a .safetensors file or a folder (then `pytorch_lora_weights.safetensors` in it)."""
+    models = model if isinstance(model, dict) else {prefix: model}
+    tensors, ours, theirs = {}, {}, {}
+    for prefix, m in models.items():
+        layers = lora_layers(m)
+        if not layers:
+            raise ValueError(f"save_lora: the '{prefix}' model has no LoRA layers (call inject_lora first)")
+        configs = {(layer.rank, layer.alpha) for layer in layers.values()}
+        if len(configs) > 1:
+            raise ValueError(f"save_lora stores one rank and alpha per model; '{prefix}' has {sorted(configs)}")
+        if any(layer.merged for layer in layers.values()):
+            raise ValueError(f"save_lora: '{prefix}' is merged; call unmerge_lora first so B is saved on its own")
+        (rank, alpha), = configs
+        tensors.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in lora_state_dict(m).items()})
+        ours[prefix] = {"rank": rank, "alpha": alpha}
+        # transformers >= 5 drops CLIPTextModel's `text_model.` level, and diffusers strips it from the
+        # keys but not from target_modules; peft matches names by suffix, so the shorter name fits both
+        theirs.update({f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha,
+                       f"{prefix}.target_modules": sorted(n.removeprefix("text_model.") for n in layers)})
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(theirs), "nanobooth": json.dumps(ours)}
+    file = lora_file(path)
+    atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return file
+
+
+def read_lora_file(path) -> tuple[dict, dict]:
+    """(tensors, {prefix: {rank, alpha}}). Files from diffusers' own saver have alpha in
+    `lora_adapter_metadata`; files with neither metadata have B scaled already (scale 1, alpha = rank)."""
+    file = lora_file(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no LoRA file at '{file}'")
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    configs = json.loads(meta.get("nanobooth", "{}"))
+    theirs = json.loads(meta.get("lora_adapter_metadata") or "{}")
+    for key, value in theirs.items():
+        prefix, _, field = key.partition(".")
+        if field == "lora_alpha" and prefix not in configs:
+            configs[prefix] = {"rank": theirs.get(f"{prefix}.r"), "alpha": value}
+    return tensors, configs
+
+
+@torch.no_grad()
+def load_lora(path, models: dict[str, nn.Module]) -> dict:
+    """Load a LoRA file into {prefix: model}, injecting LoRA layers where a model has none yet.
+    Returns {prefix: {"rank", "alpha", "modules"}}."""
+    tensors, configs = read_lora_file(path)
+    groups = {}
+    for key, value in tensors.items():
+        prefix, _, rest = key.partition(".")
+        name, dot, param = rest.rpartition(".lora_")
+        if not dot or param not in ("A.weight", "B.weight"):
+            raise ValueError(f"'{key}' in '{path}' is not a `{{prefix}}.{{module}}.lora_A/B.weight` key: only the "
+                             f"diffusers/peft LoRA layout is read (kohya `lora_down/up` files are not supported)")
+        if prefix not in models:
+            raise ValueError(f"'{path}' has LoRA weights for '{prefix}' but models only has {sorted(models)}: "
+                             f"pass the '{prefix}' model too")
+        groups.setdefault(prefix, {}).setdefault(name, {})[param[0]] = value
+    info = {}
+    for prefix, modules in groups.items():
+        model = models[prefix]
+        names = dict(model.named_modules())
+        unknown = [n for n in modules if n not in names]
+        if unknown:
+            raise ValueError(f"{len(unknown)} LoRA module(s) in '{path}' match no module of the '{prefix}' model "
+                             f"({type(model).__name__}), e.g. {unknown[:3]}")
+        config = configs.get(prefix, {})
+        for name, ab in modules.items():
+            if set(ab) != {"A", "B"}:
+                raise ValueError(f"'{prefix}.{name}' has lora_{'B' if 'A' in ab else 'A'} missing in '{path}'")
+            rank = ab["A"].shape[0]
+            alpha = config.get("alpha", rank)
+            layer = names[name]
+            if not isinstance(layer, LoRALayer):
+                layer = wrap(layer, name, rank, alpha)
+                replace_module(model, name, layer)
+            elif layer.merged:
+                raise ValueError(f"'{prefix}.{name}' is merged: call unmerge_lora before loading into it")
+            elif (layer.rank, layer.alpha) != (rank, float(alpha)):
+                raise ValueError(f"'{prefix}.{name}' has rank {layer.rank}, alpha {layer.alpha:g}; the file has rank "
+                                 f"{rank}, alpha {float(alpha):g}")
+            for param, value in (("lora_A", ab["A"]), ("lora_B", ab["B"])):
+                weight = getattr(layer, param).weight
+                if weight.shape != value.shape:
+                    raise ValueError(f"'{prefix}.{name}.{param}.weight' is {tuple(value.shape)} in the file, "
+                                     f"{tuple(weight.shape)} in the model")
+                weight.copy_(value)
+        rank = next(iter(modules.values()))["A"].shape[0]
+        info[prefix] = {"rank": rank, "alpha": float(config.get("alpha", rank)), "modules": sorted(modules)}
+    return info

@@ -1,0 +1,272 @@
+"""Text-to-image sampling: load an SD model once, generate images, write PNGs and a grid.
+
+    python sample.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a cat"
+    python sample.py --model runs/dreambooth --prompt "a photo of sks dog on the beach" --num_images 4
+
+The pipeline mirrors diffusers' `StableDiffusionPipeline.__call__` so that a seed gives the same image
+in both (tests/test_sample.py checks it within 1/255 per pixel):
+
+    1. encode the prompts and the negative prompts with the CLIP text encoder -> c, c_neg (b, 77, d)
+    2. draw z_T ~ N(0, I) of shape (b, 4, H/8, W/8) in float32 on the CPU from torch.Generator(seed)
+    3. run a sampler (DDIM, DDPM, DPM-Solver++) on eps_hat = guided(unet, c, c_neg, w)
+    4. decode x = D(z_0 / s) with the VAE (s = vae.config.scaling_factor) and map [-1, 1] -> [0, 255]
+
+`generate()` is the function other modules (class-image generation in train.py, eval.py) call.
+"""
+import argparse
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from hub import ModelLoadError, looks_like_path, atomic_write
+from schedulers import SAMPLERS, NoiseSchedule
+from text_encoder import CLIPTextModel, CLIPTokenizer
+from unet import UNet
+from vae import VAE
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # sd-reference.md: runwayml/... was deleted
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- models
+
+@dataclass
+class SDModels:
+    """The four parts of a Stable Diffusion model plus its noise schedule."""
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet
+    vae: VAE
+    schedule: NoiseSchedule
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+
+def load_models(name_or_path=DEFAULT_MODEL, dtype=torch.float32, device="cpu", revision=None, variant=None) -> SDModels:
+    """Load all parts from a Hub id or a local diffusers-layout folder (each part from its subfolder)."""
+    kw = dict(dtype=dtype, device=device, revision=revision, variant=variant)
+    return SDModels(tokenizer=CLIPTokenizer.from_pretrained(name_or_path, revision=revision),
+                    text_encoder=CLIPTextModel.from_pretrained(name_or_path, **kw),
+                    unet=UNet.from_pretrained(name_or_path, **kw),
+                    vae=VAE.from_pretrained(name_or_path, **kw),
+                    schedule=NoiseSchedule.from_pretrained(name_or_path, revision=revision))
+
+
+def save_models(models: SDModels, folder, dtype=None) -> None:
+    """Write a complete diffusers-layout folder that `load_models` and diffusers' `StableDiffusionPipeline`
+    both load. Each file is written atomically; model_index.json goes last, so a folder that has it is whole."""
+    folder = Path(folder)
+    models.tokenizer.save_pretrained(folder / "tokenizer")
+    models.text_encoder.save_pretrained(folder / "text_encoder", dtype=dtype)
+    models.unet.save_pretrained(folder / "unet", dtype=dtype)
+    models.vae.save_pretrained(folder / "vae", dtype=dtype)
+    config = {"_class_name": "DDIMScheduler", **models.schedule.to_config()}
+    atomic_write(folder / "scheduler" / "scheduler_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+             "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    atomic_write(folder / "model_index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+@torch.no_grad()
+def encode_prompts(models: SDModels, prompts: list[str]) -> torch.Tensor:
+    """c = text_encoder(tokenize(prompt)): the last hidden state, (b, 77, d). SD ignores the pooled output."""
+    ids = models.tokenizer(prompts).to(models.device)
+    return models.text_encoder(ids)[0]
+
+
+def guided(unet, cond, uncond, scale: float):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps(c_neg) + w * (eps(c) - eps(c_neg)).
+
+    As in diffusers, guidance only runs when w > 1; then both halves go through the UNet as one batch
+    ordered [negative, positive].
+    """
+    if scale <= 1.0:
+        return lambda x, t: unet(x, t, cond)
+
+    def model_fn(x, t):
+        out = unet(torch.cat([x, x]), t, torch.cat([uncond, cond]))
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + scale * (out_cond - out_uncond)
+    return model_fn
+
+
+def initial_latents(n: int, height: int, width: int, seed: int, channels: int = 4) -> torch.Tensor:
+    """z_T drawn exactly as diffusers draws it: float32, on the CPU, from one generator seeded once."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((n, channels, height // 8, width // 8), generator=generator, dtype=torch.float32)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(b, 3, H, W) in [-1, 1] -> PIL images, rounding as diffusers' `numpy_to_pil` does."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
+
+
+@torch.no_grad()
+def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[str] = "", seed: int = 0,
+             steps: int = 50, guidance: float = 7.5, sampler: str = "ddim", eta: float = 0.0,
+             height: int = 512, width: int = 512, latents: torch.Tensor | None = None,
+             progress: bool = True, output: str = "pil"):
+    """Generate one image per prompt. Returns PIL images (output="pil") or the decoded tensor in [-1, 1]."""
+    check_settings(height, width, steps, guidance, sampler)
+    device, dtype = models.device, next(models.unet.parameters()).dtype
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    cond = encode_prompts(models, prompts)
+    uncond = encode_prompts(models, negatives) if guidance > 1.0 else None
+    if latents is None:
+        latents = initial_latents(len(prompts), height, width, seed)
+    generator = torch.Generator("cpu").manual_seed(seed)  # only DDPM and DDIM with eta > 0 draw more noise
+    z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
+                           steps, eta=eta, generator=generator, progress=progress)
+    images = models.vae.decode(z0 / models.vae.config.scaling_factor)
+    return to_pil(images) if output == "pil" else images
+
+
+# ----------------------------------------------------------------------------- checks and files
+
+def check_settings(height, width, steps, guidance, sampler) -> None:
+    """Cheap checks with a one-line message saying what to change, before any model loads."""
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"--height/--width must be positive multiples of 8 (the VAE downsamples by 8), "
+                         f"got {height}x{width}: try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    if guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 (1 disables guidance; 7.5 is the usual value), got {guidance}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{sampler}'")
+
+
+def warn_long_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> None:
+    for p in dict.fromkeys(prompts):
+        dropped = tokenizer.dropped_words(p)
+        if dropped:
+            warnings.warn(f"prompt longer than {tokenizer.max_length} tokens; CLIP drops: '{dropped}'", stacklevel=2)
+
+
+def save_png(image: Image.Image, path: Path, meta: dict) -> None:
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_text(k, str(v))
+    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion model (Hub id or folder).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id or local diffusers-layout folder")
+    p.add_argument("--prompt", action="append", help="prompt (repeat the flag for several)")
+    p.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="ddim", help="ddim, ddpm or dpmpp (DPM-Solver++ 2M)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--height", type=int, default=None, help="default: the UNet's sample_size * 8")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+    p.add_argument("--lora", default=None, help="a LoRA file or folder written by train.py")
+    p.add_argument("--out", default="samples", help="output folder")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise ValueError(f"--prompts file '{path}' does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt, or --prompts FILE")
+    return prompts
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    # 1. everything that can be checked without loading a model
+    prompts = read_prompts(args)
+    check_settings(args.height or 8, args.width or 8, args.steps, args.guidance, args.sampler)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num_images and --batch_size must be at least 1")
+    if looks_like_path(str(args.model)) and not Path(args.model).expanduser().is_dir():
+        raise ModelLoadError(f"--model folder '{args.model}' does not exist")
+    device = default_device() if args.device == "auto" else args.device
+    # 2. load once
+    models = load_models(args.model, dtype=DTYPES[args.dtype], device=device)
+    if args.lora:
+        from lora import load_lora
+        path = Path(args.lora)
+        load_lora(path / "pytorch_lora_weights.safetensors" if path.is_dir() else path,
+                  {"unet": models.unet, "text_encoder": models.text_encoder})
+    warn_long_prompts(models.tokenizer, prompts)
+    size = models.unet.config.sample_size * 8
+    height, width = args.height or size, args.width or size
+    check_settings(height, width, args.steps, args.guidance, args.sampler)
+    # 3. one latent per image, all from one seeded generator, then batches
+    jobs = [p for p in prompts for _ in range(args.num_images)]
+    latents = initial_latents(len(jobs), height, width, args.seed)
+    out = Path(args.out)
+    paths, images = [], []
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        ims = generate(models, batch, args.negative_prompt, seed=args.seed + start, steps=args.steps,
+                       guidance=args.guidance, sampler=args.sampler, eta=args.eta, height=height, width=width,
+                       latents=latents[start:start + len(batch)])
+        for i, (prompt, im) in enumerate(zip(batch, ims), start=start):
+            meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=i,
+                        steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
+                        model=str(args.model), lora=str(args.lora or ""))
+            path = out / f"{i:04d}.png"
+            save_png(im, path, meta)
+            paths.append(path)
+            images.append(im)
+    save_png(make_grid(images, cols=args.num_images if len(prompts) > 1 else None), out / "grid.png",
+             {"prompts": json.dumps(prompts), "seed": args.seed})
+    print(f"wrote {len(paths)} images and grid.png to {out}")
+    return paths
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, ModelLoadError) as e:
+        sys.exit(f"error: {e}")

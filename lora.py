@@ -45,8 +45,10 @@ class LoRALayer(nn.Module):
         # (peft does the same with `autocast_adapter_dtype=True`)
         self.lora_A = lora_A.to(device=base.weight.device, dtype=torch.float32)
         self.lora_B = lora_B.to(device=base.weight.device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's init: nn.Linear's default
-        nn.init.zeros_(self.lora_B.weight)                             # the update starts at 0 (paper, 4.1)
+        # paper 4.1: A random, B = 0 so the update starts at 0. The paper draws A from a Gaussian; peft (so
+        # diffusers) uses nn.Linear's default Kaiming-uniform, which we follow
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
         self.merged = False
 
@@ -175,10 +177,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{'{path}.lora_A.weight': A, '{path}.lora_B.weight': B} for every LoRA layer."""
-    sd = {}
-    for name, m in lora_layers(model).items():
-        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = m.lora_A.weight, m.lora_B.weight
-    return sd
+    return {f"{name}.{ab}.weight": getattr(m, ab).weight for name, m in lora_layers(model).items()
+            for ab in ("lora_A", "lora_B")}
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -192,7 +192,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # One file holds `{prefix}.{path}.lora_A.weight` / `.lora_B.weight` for each model (`unet`, `text_encoder`),
 # B unscaled. Its metadata carries the scale twice: diffusers' own `lora_adapter_metadata` (a peft
 # `LoraConfig` per prefix: r, lora_alpha, target_modules; read by `load_lora_weights` / `load_lora_adapter`
-# since diffusers 0.34), and ours, `nanobooth` = {prefix: {rank, alpha}}. kohya / A1111 export would be
+# since diffusers 0.34, PR #11324), and ours, `nanobooth` = {prefix: {rank, alpha}}. kohya / A1111 export would be
 # a key rename of `lora_state_dict` (`lora_unet_{path with _}.lora_down/up.weight` plus an `.alpha`
 # tensor) written beside `save_lora`.
 
@@ -229,29 +229,26 @@ def save_lora(path, model, prefix: str = "unet") -> Path:
 
 
 def read_lora_file(path) -> tuple[dict, dict]:
-    """(tensors, {prefix: {rank, alpha}}). Files from diffusers' own saver have alpha in
-    `lora_adapter_metadata`; files with neither metadata have B scaled already (scale 1, alpha = rank)."""
+    """(tensors, {prefix: alpha}). Files from diffusers' own saver carry alpha only in
+    `lora_adapter_metadata`; a file with neither metadata has the scale baked into B (alpha = rank)."""
     file = lora_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"no LoRA file at '{file}'")
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    configs = json.loads(meta.get("nanobooth", "{}"))
     theirs = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    for key, value in theirs.items():
-        prefix, _, field = key.partition(".")
-        if field == "lora_alpha" and prefix not in configs:
-            configs[prefix] = {"rank": theirs.get(f"{prefix}.r"), "alpha": value}
-    return tensors, configs
+    alphas = {k.removesuffix(".lora_alpha"): float(v) for k, v in theirs.items() if k.endswith(".lora_alpha")}
+    alphas.update({prefix: float(c["alpha"]) for prefix, c in json.loads(meta.get("nanobooth", "{}")).items()})
+    return tensors, alphas
 
 
 @torch.no_grad()
 def load_lora(path, models: dict[str, nn.Module]) -> dict:
     """Load a LoRA file into {prefix: model}, injecting LoRA layers where a model has none yet.
     Returns {prefix: {"rank", "alpha", "modules"}}."""
-    tensors, configs = read_lora_file(path)
-    groups = {}
+    tensors, alphas = read_lora_file(path)
+    groups = {}  # prefix -> module path -> {"A": tensor, "B": tensor}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")
         name, dot, param = rest.rpartition(".lora_")
@@ -262,35 +259,28 @@ def load_lora(path, models: dict[str, nn.Module]) -> dict:
             raise ValueError(f"'{path}' has LoRA weights for '{prefix}' but models only has {sorted(models)}: "
                              f"pass the '{prefix}' model too")
         groups.setdefault(prefix, {}).setdefault(name, {})[param[0]] = value
+    halves = [f"{p}.{n}" for p, modules in groups.items() for n, ab in modules.items() if len(ab) != 2]
+    if halves:
+        raise ValueError(f"'{path}' has lora_A without lora_B or the reverse for {halves[:3]}: a truncated file?")
     info = {}
     for prefix, modules in groups.items():
-        model = models[prefix]
-        names = dict(model.named_modules())
-        unknown = [n for n in modules if n not in names]
+        model, rank = models[prefix], next(iter(modules.values()))["A"].shape[0]
+        alpha = alphas.get(prefix, rank)
+        existing = dict(model.named_modules())
+        unknown = [n for n in modules if n not in existing]
         if unknown:
             raise ValueError(f"{len(unknown)} LoRA module(s) in '{path}' match no module of the '{prefix}' model "
                              f"({type(model).__name__}), e.g. {unknown[:3]}")
-        config = configs.get(prefix, {})
         for name, ab in modules.items():
-            if set(ab) != {"A", "B"}:
-                raise ValueError(f"'{prefix}.{name}' has lora_{'B' if 'A' in ab else 'A'} missing in '{path}'")
-            rank = ab["A"].shape[0]
-            alpha = config.get("alpha", rank)
-            layer = names[name]
+            layer = existing[name]
             if not isinstance(layer, LoRALayer):
-                layer = wrap(layer, name, rank, alpha)
+                layer = wrap(layer, name, ab["A"].shape[0], alpha)
                 replace_module(model, name, layer)
-            elif layer.merged:
-                raise ValueError(f"'{prefix}.{name}' is merged: call unmerge_lora before loading into it")
-            elif (layer.rank, layer.alpha) != (rank, float(alpha)):
-                raise ValueError(f"'{prefix}.{name}' has rank {layer.rank}, alpha {layer.alpha:g}; the file has rank "
-                                 f"{rank}, alpha {float(alpha):g}")
-            for param, value in (("lora_A", ab["A"]), ("lora_B", ab["B"])):
-                weight = getattr(layer, param).weight
-                if weight.shape != value.shape:
-                    raise ValueError(f"'{prefix}.{name}.{param}.weight' is {tuple(value.shape)} in the file, "
-                                     f"{tuple(weight.shape)} in the model")
-                weight.copy_(value)
-        rank = next(iter(modules.values()))["A"].shape[0]
-        info[prefix] = {"rank": rank, "alpha": float(config.get("alpha", rank)), "modules": sorted(modules)}
+            elif layer.merged or (layer.rank, layer.alpha) != (ab["A"].shape[0], alpha):
+                raise ValueError(f"'{prefix}.{name}' has rank {layer.rank}, alpha {layer.alpha:g}, merged "
+                                 f"{layer.merged}; the file needs rank {ab['A'].shape[0]}, alpha {alpha:g}, unmerged")
+            # load_state_dict checks the shapes (copy_ would broadcast)
+            layer.lora_A.load_state_dict({"weight": ab["A"]})
+            layer.lora_B.load_state_dict({"weight": ab["B"]})
+        info[prefix] = {"rank": rank, "alpha": float(alpha), "modules": sorted(modules)}
     return info

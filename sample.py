@@ -14,6 +14,7 @@ in both (tests/test_sample.py checks it within 1/255 per pixel):
 `generate()` is the function other modules (class-image generation in train.py, eval.py) call.
 """
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -78,6 +79,46 @@ def save_models(models: SDModels, folder, dtype=None) -> None:
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     atomic_write(folder / "model_index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+
+
+RESULT_INFO = "nanobooth.json"  # written by train.py next to a LoRA or embeddings file: base model + files
+
+
+def write_result_info(folder, info: dict) -> None:
+    atomic_write(Path(folder) / RESULT_INFO, lambda p: p.write_text(json.dumps(info, indent=2)))
+
+
+def add_token(models: SDModels, token: str, vector: torch.Tensor) -> int:
+    """Add a word to the tokenizer and its row `vector` to the text encoder's embedding table (Textual
+    Inversion). Returns the new token id."""
+    token_id = models.tokenizer.add_token(token)
+    embeddings = models.text_encoder.text_model.embeddings
+    old = embeddings.token_embedding.weight
+    table = torch.nn.Embedding(old.shape[0] + 1, old.shape[1], device=old.device, dtype=old.dtype)
+    with torch.no_grad():
+        table.weight[:-1] = old
+        table.weight[token_id] = vector.to(old)
+    embeddings.token_embedding = table
+    models.text_encoder.config = dataclasses.replace(models.text_encoder.config, vocab_size=table.weight.shape[0])
+    return token_id
+
+
+def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
+    """`load_models`, and also a train.py output or checkpoint folder: a complete model folder loads as it is;
+    a LoRA or Textual Inversion result loads its base model (named in nanobooth.json) and applies its file."""
+    folder = Path(name_or_path)
+    if (folder / "model_index.json").is_file() or not (folder / RESULT_INFO).is_file():
+        return load_models(name_or_path, dtype=dtype, device=device)
+    info = json.loads((folder / RESULT_INFO).read_text())
+    models = load_models(info["base_model"], dtype=dtype, device=device)
+    if "lora" in info:
+        from lora import load_lora
+        load_lora(folder / info["lora"], {"unet": models.unet, "text_encoder": models.text_encoder})
+    if "embeddings" in info:
+        from safetensors.torch import load_file
+        for token, vector in load_file(folder / info["embeddings"]).items():
+            add_token(models, token, vector)
+    return models
 
 
 def default_device() -> str:
@@ -149,9 +190,10 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
 
 def check_settings(height, width, steps, guidance, sampler) -> None:
     """Cheap checks with a one-line message saying what to change, before any model loads."""
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        raise ValueError(f"--height/--width must be positive multiples of 8 (the VAE downsamples by 8), "
-                         f"got {height}x{width}: try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}")
+    for name, size in (("height", height), ("width", width)):
+        if size % 8 or size <= 0:
+            raise ValueError(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {size}: "
+                             f"try {max(8, size // 8 * 8)}")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     if guidance < 0:
@@ -188,7 +230,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion model (Hub id or folder).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id or local diffusers-layout folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local diffusers-layout folder, or a "
+                   "train.py output/checkpoint folder")
     p.add_argument("--prompt", action="append", help="prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--negative_prompt", default="")
@@ -231,7 +274,7 @@ def main(argv=None) -> list[Path]:
         raise ModelLoadError(f"--model folder '{args.model}' does not exist")
     device = default_device() if args.device == "auto" else args.device
     # 2. load once
-    models = load_models(args.model, dtype=DTYPES[args.dtype], device=device)
+    models = load_trained(args.model, dtype=DTYPES[args.dtype], device=device)
     if args.lora:
         from lora import load_lora
         path = Path(args.lora)

@@ -58,7 +58,8 @@ class SelfAttention(nn.Module):
     """Single-head self-attention over the h*w positions, with a residual connection.
 
     diffusers builds it as `Attention(heads=channels // attention_head_dim)` with attention_head_dim = channels,
-    i.e. one head of width c, as LDM's `AttnBlock`.
+    i.e. one head of width c, as LDM's `AttnBlock`. No float32 upcast: diffusers' default (SDPA) processor
+    ignores this block's `upcast_softmax=True` too.
     """
 
     def __init__(self, channels: int, groups: int):

@@ -1,0 +1,90 @@
+"""sample.py: image-for-image parity with diffusers' StableDiffusionPipeline, the CLI, bad input."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from sample import generate, load_models
+
+PROMPTS = ["a photo of a cat", "a red car on the beach at night"]
+NEGATIVE = "blurry, low quality"
+
+
+def diffusers_images(folder, scheduler_cls, height, width, steps=10, guidance=7.5, output_type="np"):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), num_inference_steps=steps, guidance_scale=guidance, height=height,
+                width=width, generator=torch.Generator("cpu").manual_seed(7), output_type=output_type).images
+
+
+@pytest.mark.parametrize("family", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_generate_matches_diffusers_pipeline(family, sampler, request):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    folder = request.getfixturevalue(family)
+    height, width = 64, 96                                            # non-square
+    ref = diffusers_images(folder, {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}[sampler], height, width)
+    ours = generate(load_models(folder), PROMPTS, NEGATIVE, seed=7, steps=10, guidance=7.5, sampler=sampler,
+                    height=height, width=width, progress=False)
+    ours = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in ours])
+    assert ours.shape == ref.shape == (2, height, width, 3)
+    assert ref.std() > 0.01                                           # a real image, not a constant
+    assert np.abs(ours - ref).max() <= 1 / 255 + 1e-6
+
+
+def test_cli_writes_the_same_pngs_with_metadata_and_a_grid(tiny_sd1, tmp_path):
+    from diffusers import DDIMScheduler
+    ref = diffusers_images(tiny_sd1, DDIMScheduler, 64, 96, output_type="pil")
+    args = ["--model", str(tiny_sd1), "--negative_prompt", NEGATIVE, "--seed", "7", "--steps", "10", "--height",
+            "64", "--width", "96", "--out", str(tmp_path), "--device", "cpu"]
+    paths = sample.main(args + [x for p in PROMPTS for x in ("--prompt", p)])
+    assert [p.name for p in paths] == ["0000.png", "0001.png"] and (tmp_path / "grid.png").is_file()
+    for path, r in zip(paths, ref):
+        im = Image.open(path)
+        diff = np.abs(np.asarray(im, dtype=np.int16) - np.asarray(r, dtype=np.int16))
+        assert diff.max() <= 1
+        assert im.text["seed"] == "7" and im.text["steps"] == "10" and im.text["sampler"] == "ddim"
+        assert im.text["guidance"] == "7.5" and im.text["prompt"] in PROMPTS
+
+
+def test_batches_do_not_change_the_images(tiny_sd1, tmp_path):
+    base = ["--model", str(tiny_sd1), "--prompt", "a cat", "--num_images", "3", "--steps", "3", "--device", "cpu"]
+    one = sample.main(base + ["--batch_size", "3", "--out", str(tmp_path / "a")])
+    many = sample.main(base + ["--batch_size", "1", "--out", str(tmp_path / "b")])
+    for a, b in zip(one, many):
+        diff = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
+        assert diff.max() <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--height", "60"], "multiple of 8"),
+    (["--width", "100"], "multiple of 8"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--guidance", "-1"], "--guidance must be >= 0"),
+    (["--sampler", "euler"], "--sampler must be one of ddim, ddpm, dpmpp"),
+])
+def test_bad_settings_fail_before_any_model_loads(flags, message, tiny_sd1, monkeypatch):
+    monkeypatch.setattr(sample, "load_trained", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=message) as e:
+        sample.main(["--model", str(tiny_sd1), "--prompt", "a cat"] + flags)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_model_folder_fails_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "load_trained", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(sample.ModelLoadError, match="does not exist"):
+        sample.main(["--model", str(tmp_path / "nope"), "--prompt", "a cat"])
+
+
+def test_long_prompt_warns_and_names_the_dropped_words(tiny_sd1, tmp_path):
+    prompt = "a photo of a cat " + "very " * 80 + "sharp detailed zebra"
+    with pytest.warns(UserWarning, match="drops: .*sharp detailed zebra"):
+        sample.main(["--model", str(tiny_sd1), "--prompt", prompt, "--steps", "1", "--out", str(tmp_path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample.main(["--model", str(tiny_sd1), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path)])

@@ -89,8 +89,8 @@ def latents_of(batch, models) -> torch.Tensor:
 def predict(batch, models, z0, cfg):
     """Noise z0 at random timesteps and run the UNet once: returns (prediction, target, t)."""
     schedule, g = models.schedule, batch["generator"]
+    t = draw_timesteps(z0.shape[0], schedule, g, z0.device)   # drawn first: a noise offset changes only the noise
     noise = draw_noise(z0, g, cfg.noise_offset)
-    t = draw_timesteps(z0.shape[0], schedule, g, z0.device)
     z_t = schedule.add_noise(z0, noise, t)
     pred = models.unet(z_t, t, batch["encoder_hidden_states"])
     return pred, schedule.target(z0, noise, t), t

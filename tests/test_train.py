@@ -1,0 +1,247 @@
+"""train.py on a tiny model: learning, trainable sets, resume, crash safety, outputs diffusers reads, bad input."""
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoint
+import train
+from data import load_image, prepare
+from sample import encode_prompts, generate, load_models, load_trained
+
+REPO = Path(__file__).resolve().parents[1]
+DOG = REPO / "assets" / "demo" / "dog"
+
+
+def argv(model, out, method="dreambooth", steps=10, *extra):
+    return ["--method", method, "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(DOG),
+            "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--center_crop", "--max_train_steps",
+            str(steps), "--output_dir", str(out), "--device", "cpu", "--learning_rate", "1e-3",
+            "--placeholder_token", "<sks>", "--initializer_token", "dog", *map(str, extra)]
+
+
+def run(args):
+    return train.train(train.parse_args(args))
+
+
+def losses(out):
+    return [json.loads(line) for line in (Path(out) / "logs.jsonl").read_text().splitlines()]
+
+
+def fixed_instance_loss(models, prompt="a photo of sks dog"):
+    """Mean L_ldm over the demo images at fixed timesteps and fixed noise."""
+    x = torch.stack([prepare(load_image(p), 32) for p in sorted(DOG.glob("*.jpg"))])
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        z0 = models.vae.encode(x).mean * models.vae.config.scaling_factor
+        c = encode_prompts(models, [prompt] * len(x))
+        total = 0.0
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(z0.shape, generator=g)
+            tt = torch.full((len(x),), t)
+            pred = models.unet(models.schedule.add_noise(z0, noise, tt), tt, c)
+            total += torch.mean((pred - noise) ** 2).item()
+    return total / 5
+
+
+def test_dreambooth_lowers_the_instance_loss(tiny_sd1, tmp_path):
+    before = fixed_instance_loss(load_models(tiny_sd1))
+    models = run(argv(tiny_sd1, tmp_path, "dreambooth", 60))
+    models.unet.eval()
+    after = fixed_instance_loss(models)
+    assert after < 0.9 * before, (before, after)
+    assert fixed_instance_loss(load_trained(tmp_path)) == pytest.approx(after, abs=1e-6)  # the saved folder is it
+
+
+def test_lora_changes_only_lora_parameters(tiny_sd1, tmp_path):
+    base = load_models(tiny_sd1)
+    models = run(argv(tiny_sd1, tmp_path, "dreambooth_lora", 5, "--train_text_encoder"))
+    for part in ("unet", "text_encoder", "vae"):
+        trained = dict(getattr(models, part).named_parameters())
+        for name, p in getattr(base, part).named_parameters():
+            assert torch.equal(trained[name].float(), p), name          # base weights bit-identical
+    changed = [n for n, p in models.unet.named_parameters() if ".lora_B" in n and p.abs().max() > 0]
+    assert changed and all(".lora_" in n for n, p in models.unet.named_parameters() if p.requires_grad)
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("unet.") for k in saved)
+
+
+def test_textual_inversion_changes_exactly_one_row(tiny_sd1, tmp_path):
+    base = load_models(tiny_sd1)
+    models = run(argv(tiny_sd1, tmp_path, "textual_inversion", 5))
+    old = base.text_encoder.text_model.embeddings.token_embedding.weight
+    new = models.text_encoder.text_model.embeddings.token_embedding.weight
+    token = models.tokenizer.encode("<sks>")[1:-1]
+    assert token == [old.shape[0]] and new.shape[0] == old.shape[0] + 1
+    assert torch.equal(new[:-1], old)                                    # every original row unchanged
+    init = base.tokenizer.encode("dog")[1]
+    assert not torch.equal(new[-1], old[init])                           # the new row moved from its init
+    for a, b in zip(base.unet.parameters(), models.unet.parameters()):
+        assert torch.equal(a, b)
+    saved = load_file(tmp_path / "learned_embeds.safetensors")
+    assert list(saved) == ["<sks>"] and torch.equal(saved["<sks>"], new[-1].detach())
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("dreambooth", ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", "2",
+                    "--class_sample_steps", "2", "--snr_gamma", "5", "--random_flip"]),
+    ("dreambooth_lora", ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--gradient_accumulation_steps", "2"]),
+    ("textual_inversion", []),
+])
+def test_resume_equals_a_straight_run(method, extra, tiny_sd1, tmp_path, monkeypatch):
+    common = ["--checkpointing_steps", "10", *extra]
+    class_dir = ["--class_data_dir", str(tmp_path / "class")] if "--with_prior_preservation" in extra else []
+    run(argv(tiny_sd1, tmp_path / "straight", method, 20, *common, *class_dir))
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(out, step, *a, **k):                               # the process is killed after step 10
+        path = real_save(out, step, *a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(argv(tiny_sd1, tmp_path / "resumed", method, 20, *common, *class_dir))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    run(argv(tiny_sd1, tmp_path / "resumed", method, 20, *common, *class_dir, "--resume_from_checkpoint", "latest"))
+
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert [r["step"] for r in b] == list(range(1, 21))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6) and ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_sd1, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if "checkpoint-20" in str(path):
+            Path(path).write_bytes(b"half a file")
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    with pytest.raises(OSError):
+        run(argv(tiny_sd1, tmp_path, "dreambooth_lora", 20, "--checkpointing_steps", "10"))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert checkpoint.load_state(tmp_path / "checkpoint-10")["step"] == 10
+    load_trained(tmp_path / "checkpoint-10")                                    # can be sampled from
+    run(argv(tiny_sd1, tmp_path, "dreambooth_lora", 20, "--checkpointing_steps", "10", "--resume_from_checkpoint",
+             "latest"))
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    assert not list(tmp_path.glob(".checkpoint-*"))
+
+
+def test_checkpoints_are_pruned_to_the_limit(tiny_sd1, tmp_path):
+    run(argv(tiny_sd1, tmp_path, "textual_inversion", 6, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"))
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_class_images_are_generated_once_and_topped_up(tiny_sd1, tmp_path):
+    cfg = train.parse_args(argv(tiny_sd1, tmp_path, "dreambooth", 1, "--with_prior_preservation", "--class_prompt",
+                                "a photo of dog", "--class_data_dir", tmp_path / "cls", "--num_class_images", "2",
+                                "--class_sample_steps", "2"))
+    models = load_models(tiny_sd1)
+    first = train.make_class_images(models, cfg)
+    stamps = [p.stat().st_mtime_ns for p in first]
+    cfg.num_class_images = 3
+    second = train.make_class_images(models, cfg)
+    assert len(first) == 2 and len(second) == 3 and second[:2] == first
+    assert [p.stat().st_mtime_ns for p in second[:2]] == stamps                    # reused, not regenerated
+
+
+def images_np(images):
+    return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+
+
+def diffusers_pipe(folder):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def same_images(pipe, models, prompt):
+    ref = pipe([prompt], num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    ours = images_np(generate(models, [prompt], seed=3, steps=4, height=64, width=64, progress=False))
+    return np.abs(ours - ref).max()
+
+
+def test_outputs_load_in_diffusers(tiny_sd1, tmp_path):
+    base_images = images_np(generate(load_models(tiny_sd1), ["a photo of sks dog"], seed=3, steps=4, height=64,
+                                     width=64, progress=False))
+    # full fine-tune: a complete diffusers folder
+    run(argv(tiny_sd1, tmp_path / "full", "dreambooth", 3))
+    assert same_images(diffusers_pipe(tmp_path / "full"), load_trained(tmp_path / "full"), "a photo of sks dog") <= 1 / 255
+    # LoRA: pytorch_lora_weights.safetensors, read by load_lora_weights
+    run(argv(tiny_sd1, tmp_path / "lora", "dreambooth_lora", 5, "--learning_rate", "5e-2"))
+    pipe = diffusers_pipe(tiny_sd1)
+    pipe.load_lora_weights(tmp_path / "lora")
+    ours = load_trained(tmp_path / "lora")
+    assert same_images(pipe, ours, "a photo of sks dog") <= 1 / 255
+    lora_images = images_np(generate(ours, ["a photo of sks dog"], seed=3, steps=4, height=64, width=64, progress=False))
+    assert np.abs(lora_images - base_images).max() > 2 / 255                 # the LoRA does something
+    # Textual Inversion: learned_embeds.safetensors, read by load_textual_inversion
+    run(argv(tiny_sd1, tmp_path / "ti", "textual_inversion", 5, "--learning_rate", "5e-2"))
+    pipe = diffusers_pipe(tiny_sd1)
+    pipe.load_textual_inversion(tmp_path / "ti", weight_name="learned_embeds.safetensors")
+    assert same_images(pipe, load_trained(tmp_path / "ti"), "a photo of <sks>") <= 1 / 255
+
+
+def test_validation_images_and_config_are_written(tiny_sd1, tmp_path):
+    run(argv(tiny_sd1, tmp_path, "textual_inversion", 2, "--validation_prompt", "a photo of <sks>",
+             "--validation_steps", "1", "--num_validation_images", "2", "--sample_steps", "2"))
+    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == ["step-000001.png", "step-000002.png"]
+    assert json.loads((tmp_path / "train_config.json").read_text())["method"] == "textual_inversion"
+    assert [r["step"] for r in losses(tmp_path)] == [1, 2]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, d: a + ["--instance_data_dir", str(d / "missing")], "does not exist"),
+    (lambda a, d: a + ["--instance_data_dir", str(d / "empty")], "has no images"),
+    (lambda a, d: a + ["--instance_data_dir", str(d / "corrupt")], "cannot read image .*bad.jpg"),
+    (lambda a, d: a + ["--resolution", "36"], "multiple of 8"),
+    (lambda a, d: a + ["--with_prior_preservation", "--class_data_dir", str(d / "cls")], "needs --class_prompt"),
+    (lambda a, d: a + ["--weight_dtype", "float16", "--mixed_precision", "fp16"], "half precision"),
+    (lambda a, d: a + ["--pretrained_model_name_or_path", str(d / "no-model")], "does not exist"),
+])
+def test_bad_input_fails_before_training_and_leaves_the_output_alone(change, message, tiny_sd1, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    shutil.copy(DOG / "00.jpg", tmp_path / "corrupt" / "00.jpg")
+    (tmp_path / "corrupt" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoint-5" / "training_state.pt").write_bytes(b"old")
+    (out / "train_config.json").write_text("old")
+    monkeypatch.setattr(train, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(Exception, match=message) as e:
+        run(change(argv(tiny_sd1, out, "dreambooth", 2), tmp_path))
+    assert "\n" not in str(e.value)
+    assert (out / "train_config.json").read_text() == "old" and sorted(p.name for p in out.iterdir()) == \
+        ["checkpoint-5", "train_config.json"]
+
+
+def test_instance_prompt_without_identifier_warns(tiny_sd1, tmp_path):
+    args = argv(tiny_sd1, tmp_path, "dreambooth", 1) + ["--instance_prompt", "a photo of dog"]
+    with pytest.warns(UserWarning, match="does not contain the identifier 'sks'"):
+        train.check_config(train.parse_args(args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.check_config(train.parse_args(argv(tiny_sd1, tmp_path, "dreambooth", 1)))
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train.main(["--demo", "--max_train_steps", "4", "--num_class_images", "2", "--validation_steps", "2",
+                "--sample_steps", "2"])
+    assert (tmp_path / "runs/demo/samples/grid.png").is_file()
+    assert (tmp_path / "runs/demo/unet/diffusion_pytorch_model.safetensors").is_file()
+    assert len(list((tmp_path / "runs/demo/validation").iterdir())) == 2

@@ -2,8 +2,9 @@
 
     loss, logs = METHOD_loss(batch, models, cfg)
 
-`batch` holds the step's data (latents or pixel values, prompt embeddings, a CPU `generator` for the
-noise and timestep draws, whose state train.py checkpoints so a resumed run draws the same numbers);
+`batch` holds the step's data (latents or pixel values, prompt embeddings, and `generators`: one CPU
+generator per row, seeded by train.py from (seed, step, row), so the noise and timestep draws are the
+same after a resume and however the batch is split across processes);
 `models` the networks (unet, vae, text_encoder, schedule); `cfg` the TrainConfig. `logs` has every
 loss term as a float, so train.py can log each one separately.
 
@@ -19,19 +20,26 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- shared pieces
 
-def draw_noise(z0: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0):
-    """eps ~ N(0, I), plus the optional noise offset (Guttenberg 2023, as diffusers' `--noise_offset`):
-    eps += offset * N(0, 1) per sample and channel, which lets the model learn very dark or bright images.
-    Drawn on the CPU from `generator`, so the numbers do not depend on the device."""
-    noise = torch.randn(z0.shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((z0.shape[0], z0.shape[1], 1, 1), generator=generator)
-    return noise.to(z0.device, z0.dtype)
+def randn_rows(shape, generators: list, device=None, dtype=None) -> torch.Tensor:
+    """One N(0, I) draw of `shape` per batch row, each from that row's own generator, on the CPU.
+
+    train.py gives every row of the *global* batch a generator seeded from (seed, step, row), so a row's
+    noise does not depend on the device, on how rows are split across processes, or on a resume."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
 
 
-def draw_timesteps(n: int, schedule, generator: torch.Generator, device) -> torch.Tensor:
+def draw_timesteps(generators: list, schedule, device) -> torch.Tensor:
     """t ~ U{0 .. T-1} per sample (DDPM training, Ho et al. 2020, Algorithm 1)."""
-    return torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator).to(device)
+    return torch.cat([torch.randint(0, schedule.num_train_timesteps, (1,), generator=g) for g in generators]).to(device)
+
+
+def draw_noise(z0: torch.Tensor, generators: list, noise_offset: float = 0.0):
+    """eps ~ N(0, I), plus the optional noise offset (Guttenberg 2023, as diffusers' `--noise_offset`):
+    eps += offset * N(0, 1) per sample and channel, which lets the model learn very dark or bright images."""
+    noise = randn_rows(z0.shape[1:], generators, z0.device, z0.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * randn_rows((z0.shape[1], 1, 1), generators, z0.device, z0.dtype)
+    return noise
 
 
 def min_snr_weights(schedule, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
@@ -76,21 +84,21 @@ def dreambooth_objective(pred, target, t, n_instance: int, schedule, prior_weigh
 def latents_of(batch, models) -> torch.Tensor:
     """z0 = s * E(x), one sample of the VAE's Gaussian per step. With --cache_latents the batch holds the
     moments already scaled by s (train.py encodes each image once); otherwise the frozen VAE encodes."""
-    g = batch["generator"]
+    gens = batch["generators"]
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
-        return mean + std * torch.randn(mean.shape, generator=g).to(mean.device, mean.dtype)
+        return mean + std * randn_rows(mean.shape[1:], gens, mean.device, mean.dtype)
     with torch.no_grad():
         dist = models.vae.encode(batch["pixel_values"])
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
+        z = dist.mean + dist.std * randn_rows(dist.mean.shape[1:], gens, dist.mean.device, dist.mean.dtype)
     return z * models.vae.config.scaling_factor
 
 
 def predict(batch, models, z0, cfg):
     """Noise z0 at random timesteps and run the UNet once: returns (prediction, target, t)."""
-    schedule, g = models.schedule, batch["generator"]
-    t = draw_timesteps(z0.shape[0], schedule, g, z0.device)   # drawn first: a noise offset changes only the noise
-    noise = draw_noise(z0, g, cfg.noise_offset)
+    schedule, gens = models.schedule, batch["generators"]
+    t = draw_timesteps(gens, schedule, z0.device)             # drawn first: a noise offset changes only the noise
+    noise = draw_noise(z0, gens, cfg.noise_offset)
     z_t = schedule.add_noise(z0, noise, t)
     pred = models.unet(z_t, t, batch["encoder_hidden_states"])
     return pred, schedule.target(z0, noise, t), t

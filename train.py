@@ -14,16 +14,22 @@ same. The file reads top to bottom as one loop:
 What differs between methods is the trainable set (here) and the loss (losses.py).
 """
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
@@ -182,18 +188,23 @@ LR_SCHEDULES = {  # multiplier of the base learning rate at optimizer step s (wa
 }
 
 
-def make_class_images(models: SDModels, cfg: TrainConfig) -> list[Path]:
+def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: int = 1) -> list[Path]:
     """Prior-preservation images: generated once by the frozen model, reused, topped up to num_class_images.
-    Image i uses seed cfg.seed + i, so a top-up gives the same images a single run would have."""
+    Image i uses seed cfg.seed + i (so a top-up gives the images one run would have) and is made by rank
+    i % world (so N processes share the work)."""
     folder = Path(cfg.class_data_dir)
     have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
-    missing = cfg.num_class_images - len(have)
-    if missing > 0:
-        print(f"generating {missing} class images for '{cfg.class_prompt}' into {folder}")
-        for i in tqdm(range(len(have), cfg.num_class_images), desc="class images"):
-            image = generate(models, [cfg.class_prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps,
-                             height=cfg.resolution, width=cfg.resolution, progress=False)[0]
-            save_png(image, folder / f"class_{i:05d}.png", {"prompt": cfg.class_prompt, "seed": cfg.seed + i})
+    if world > 1:
+        dist.barrier()                          # every rank has counted before any rank writes
+    todo = [i for i in range(len(have), cfg.num_class_images) if i % world == rank]
+    if todo:
+        print(f"generating {cfg.num_class_images - len(have)} class images for '{cfg.class_prompt}' into {folder}")
+    for i in tqdm(todo, desc="class images", disable=not todo):
+        image = generate(models, [cfg.class_prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps,
+                         height=cfg.resolution, width=cfg.resolution, progress=False)[0]
+        save_png(image, folder / f"class_{i:05d}.png", {"prompt": cfg.class_prompt, "seed": cfg.seed + i})
+    if world > 1:
+        dist.barrier()
     paths = list_images(folder, "class")[:cfg.num_class_images]
     for path in paths:
         load_image(path)
@@ -279,18 +290,41 @@ def load_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def setup_distributed(cfg: TrainConfig):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then join the process group (NCCL on GPUs, gloo on CPUs).
+    Returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(default_device() if cfg.device == "auto" else cfg.device)
+    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def row_generator(cfg: TrainConfig, step: int, micro: int, kind: int, row: int) -> torch.Generator:
+    """The generator of one row of the *global* batch (kind 0 instance, 1 class) at one micro-step. Every
+    random choice for that row comes from it (image, crop, flip, template, latent sample, timestep, noise),
+    so a resumed run draws the same numbers, and N processes x batch B draw what 1 process x batch N*B does."""
+    seed = np.random.SeedSequence([cfg.seed, step, micro, kind, row]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
 def train(cfg: TrainConfig) -> SDModels:
     """Run the whole training described by `cfg`; returns the trained models (the files are in output_dir)."""
     instance_paths = check_config(cfg)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
-    device = torch.device(default_device() if cfg.device == "auto" else cfg.device)
+    rank, world, device = setup_distributed(cfg)
+    is_main = rank == 0                         # only rank 0 writes logs, checkpoints, images, the output
     half = HALF.get(cfg.mixed_precision)
-    torch.manual_seed(cfg.seed)                 # LoRA's random A matrices (all other draws use generators below)
+    torch.manual_seed(cfg.seed)                 # LoRA's random A matrices (every other draw uses row_generator)
 
     # 1. models, frozen parts in the mixed-precision dtype (as diffusers' scripts), trainable parts float32
     models = load_models(cfg.pretrained_model_name_or_path, device=device, revision=cfg.revision, variant=cfg.variant)
-    class_paths = make_class_images(models, cfg) if cfg.with_prior_preservation else []
+    class_paths = make_class_images(models, cfg, rank, world) if cfg.with_prior_preservation else []
     groups = setup_trainable(models, cfg)
     frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[cfg.weight_dtype]
@@ -302,21 +336,27 @@ def train(cfg: TrainConfig) -> SDModels:
         lora_params(models.unet)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     models.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
+    trained = {name: getattr(models, name) for name in ("unet", "text_encoder")
+               if any(p.requires_grad for p in getattr(models, name).parameters())}
+    if world > 1:                               # DDP averages the gradients of the trained models across ranks
+        trained = {name: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
+                   for name, m in trained.items()}
+    train_models = dataclasses.replace(models, **trained)
 
     # 2. data: images resized once; crops and flips per step. Prompts encoded once unless the text encoder trains.
-    rows = [(load_image(p), cfg.instance_prompt) for p in instance_paths]
-    prior_rows = [(load_image(p), cfg.class_prompt) for p in class_paths]
+    pools = [[(load_image(p), cfg.instance_prompt) for p in instance_paths],
+             [(load_image(p), cfg.class_prompt) for p in class_paths]]
     text_trains = cfg.train_text_encoder or cfg.method == "textual_inversion"
     cached_text = {} if text_trains else {p: encode_prompts(models, [p]) for p in {cfg.instance_prompt, cfg.class_prompt} if p}
+    vae_dtype = next(models.vae.parameters()).dtype
     latent_cache = {}
     if cfg.cache_latents:                       # z0 moments of each image (and its mirror), scaled by s
         with torch.no_grad():
-            for im, _ in rows + prior_rows:
+            for im, _ in pools[0] + pools[1]:
                 for flip in (False, True) if cfg.random_flip else (False,):
-                    x = prepare(im, cfg.resolution, True, flip)[None].to(device, next(models.vae.parameters()).dtype)
-                    dist = models.vae.encode(x)
+                    dist_ = models.vae.encode(prepare(im, cfg.resolution, True, flip)[None].to(device, vae_dtype))
                     s = models.vae.config.scaling_factor
-                    latent_cache[(id(im), flip)] = (dist.mean * s, dist.std * s)
+                    latent_cache[(id(im), flip)] = (dist_.mean * s, dist_.std * s)
 
     # 3. optimizer and learning-rate schedule (AdamW, Loshchilov & Hutter 2019; settings from methods.md)
     optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
@@ -324,15 +364,13 @@ def train(cfg: TrainConfig) -> SDModels:
     shape = LR_SCHEDULES[cfg.lr_scheduler]
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: shape(s, cfg.lr_warmup_steps, cfg.max_train_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    noise_gen = torch.Generator().manual_seed(cfg.seed)               # noise and timesteps (losses.py)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)            # which images, crops, flips, templates
     trainable = [p for g in groups for p in g["params"]]
     if cfg.method == "textual_inversion":
         table = trainable[0]
         keep = torch.arange(table.shape[0], device=table.device) != token_id(models, cfg)
         original_rows = table.detach().clone()
 
-    # 4. resume
+    # 4. resume (every rank reads the checkpoint; the random draws need no state: see row_generator)
     step = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
@@ -340,55 +378,59 @@ def train(cfg: TrainConfig) -> SDModels:
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
         scaler.load_state_dict(state["scaler"])
-        noise_gen.set_state(state["noise_generator"])
-        data_gen.set_state(state["data_generator"])
         step = state["step"]
         print(f"resumed from {resume_from} at step {step}")
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / "logs.jsonl"
-    if log_path.is_file():                      # keep the log of the steps the model state contains
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-    atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if log_path.is_file():                  # keep the log of the steps the model state contains
+            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+        atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
 
-    def draw_batch():
-        """B instance rows, then B class rows; each row a random image, crop, flip (and TI template)."""
-        picks = [rows[int(i)] for i in torch.randint(len(rows), (cfg.train_batch_size,), generator=data_gen)]
-        if prior_rows:
-            picks += [prior_rows[int(i)] for i in torch.randint(len(prior_rows), (cfg.train_batch_size,), generator=data_gen)]
-        flips = (torch.rand(len(picks), generator=data_gen) < 0.5).tolist() if cfg.random_flip else [False] * len(picks)
-        batch = {"generator": noise_gen, "n_prior": len(picks) - cfg.train_batch_size}
-        if cfg.method == "textual_inversion":
-            prompts = [TI_TEMPLATES[int(torch.randint(len(TI_TEMPLATES), (1,), generator=data_gen))]
-                       .format(cfg.placeholder_token) for _ in picks]
-        else:
-            prompts = [prompt for _, prompt in picks]
+    def draw_batch(micro: int):
+        """This rank's B instance rows, then B class rows: each row a random image, crop, flip (TI: template)."""
+        B = cfg.train_batch_size
+        ids = [(kind, rank * B + j) for kind in range(2 if pools[1] else 1) for j in range(B)]
+        gens = [row_generator(cfg, step, micro, kind, row) for kind, row in ids]
+        picks, pixels, moments, prompts = [], [], [], []
+        for (kind, _), g in zip(ids, gens):
+            im, prompt = pools[kind][int(torch.randint(len(pools[kind]), (1,), generator=g))]
+            flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
+            if cfg.method == "textual_inversion":
+                prompt = TI_TEMPLATES[int(torch.randint(len(TI_TEMPLATES), (1,), generator=g))].format(cfg.placeholder_token)
+            prompts.append(prompt)
+            if latent_cache:
+                moments.append(latent_cache[(id(im), flip)])
+            else:
+                pixels.append(prepare(im, cfg.resolution, cfg.center_crop, flip, g))
+        batch = {"generators": gens, "n_prior": B if pools[1] else 0}
         if text_trains:
-            batch["encoder_hidden_states"] = models.text_encoder(models.tokenizer(prompts).to(device))[0]
+            batch["encoder_hidden_states"] = train_models.text_encoder(models.tokenizer(prompts).to(device))[0]
         else:
             batch["encoder_hidden_states"] = torch.cat([cached_text[p] for p in prompts])
         if latent_cache:
-            moments = [latent_cache[(id(im), f)] for (im, _), f in zip(picks, flips)]
             batch["latent_mean"] = torch.cat([m for m, _ in moments])
             batch["latent_std"] = torch.cat([s for _, s in moments])
         else:
-            pixels = [prepare(im, cfg.resolution, cfg.center_crop, f, data_gen) for (im, _), f in zip(picks, flips)]
-            batch["pixel_values"] = torch.stack(pixels).to(device, next(models.vae.parameters()).dtype)
+            batch["pixel_values"] = torch.stack(pixels).to(device, vae_dtype)
         return batch
 
     # 5. the loop
     loss_fn = LOSSES[cfg.method]
     models.unet.train()
-    log_file = open(log_path, "a")
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.method, unit="step")
+    log_file = open(log_path, "a") if is_main else None
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.method, unit="step", disable=not is_main)
     t0 = time.time()
     while step < cfg.max_train_steps:
-        logs = {}
-        for _ in range(cfg.gradient_accumulation_steps):
-            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-                batch = draw_batch()
-                loss, logs = loss_fn(batch, models, cfg)
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        for micro in range(cfg.gradient_accumulation_steps):
+            with contextlib.ExitStack() as no_sync:
+                if world > 1 and micro < cfg.gradient_accumulation_steps - 1:   # all-reduce once per step
+                    for m in trained.values():
+                        no_sync.enter_context(m.no_sync())
+                with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                    loss, logs = loss_fn(draw_batch(micro), train_models, cfg)
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         scaler.step(optimizer)
@@ -399,16 +441,20 @@ def train(cfg: TrainConfig) -> SDModels:
             with torch.no_grad():
                 table[keep] = original_rows[keep]
         step += 1
+        if world > 1:                                                  # log the mean over ranks
+            values = torch.tensor(list(logs.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(values)
+            logs = dict(zip(logs, (values / world).tolist()))
         logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs}
-        log_file.write(json.dumps(logs) + "\n")
-        log_file.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}")
-
+        if not is_main:
+            continue
+        log_file.write(json.dumps(logs) + "\n")
+        log_file.flush()
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-                     "scaler": scaler.state_dict(), "noise_generator": noise_gen.get_state(),
-                     "data_generator": data_gen.get_state()}
+                     "scaler": scaler.state_dict()}
             checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step), state,
                                        cfg.checkpoints_total_limit)
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
@@ -419,11 +465,15 @@ def train(cfg: TrainConfig) -> SDModels:
                      {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
             models.unet.train()
     bar.close()
-    log_file.close()
 
     # 6. the final output: the same files as a checkpoint, at the top of the output folder
-    write_result(out, models, cfg, step)
-    print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
+    if is_main:
+        log_file.close()
+        write_result(out, models, cfg, step)
+        print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return models
 
 

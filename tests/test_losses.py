@@ -67,7 +67,8 @@ def test_noise_offset_changes_only_the_noise():
     models = SimpleNamespace(unet=unet, schedule=SD)
     z0 = torch.randn(2, 4, 4, 4)
     for offset in (0.0, 0.1):
-        batch = {"latent_mean": z0, "latent_std": torch.zeros_like(z0), "generator": torch.Generator().manual_seed(0),
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        batch = {"latent_mean": z0, "latent_std": torch.zeros_like(z0), "generators": gens,
                  "encoder_hidden_states": torch.ones(2, 3, 8)}
         cfg = SimpleNamespace(noise_offset=offset, prior_loss_weight=1.0, snr_gamma=None)
         dreambooth_loss(batch, models, cfg)
@@ -77,7 +78,7 @@ def test_noise_offset_changes_only_the_noise():
     delta = (z_b - z_a) / s                                  # = offset * per-(sample, channel) draw
     assert delta.abs().max() > 1e-3
     assert torch.allclose(delta, delta.mean(dim=(2, 3), keepdim=True).expand_as(delta), atol=1e-5)
-    g = torch.Generator().manual_seed(5)
-    plain = draw_noise(z0, g)
-    g = torch.Generator().manual_seed(5)
-    assert torch.equal(draw_noise(z0, g, 0.0), plain)
+    plain = draw_noise(z0, [torch.Generator().manual_seed(i) for i in (5, 6)])
+    assert torch.equal(draw_noise(z0, [torch.Generator().manual_seed(i) for i in (5, 6)], 0.0), plain)
+    first_row = draw_noise(z0[:1], [torch.Generator().manual_seed(5)])
+    assert torch.equal(first_row[0], plain[0])              # a row's noise does not depend on the other rows

@@ -1,0 +1,387 @@
+"""DreamBench evaluation: DINO, CLIP-I and CLIP-T of generated images against a subject's real photos.
+
+    python eval.py --images samples/ --reference photos/dog/             # score a folder (prompts from PNG text)
+    python eval.py --model runs/dreambooth --dataset dreambench/ --subjects dog --num_images 4   # the protocol
+
+The protocol of DreamBooth (Ruiz et al. 2023, sec. 4.1, "Dataset and Evaluation"): 30 subjects, 25 prompts
+each (one list for objects, one for live subjects), 4 images per prompt, and three scores:
+
+    1. DINO   = mean over generated images x and real images r of cos(f(x), f(r)), f = DINO ViT-S/16 CLS token
+    2. CLIP-I = the same with f = CLIP's projected image embedding (ViT-B/32 by default)
+    3. CLIP-T = mean over generated images x of cos(g(x), h(prompt)), h = CLIP's projected text embedding of the
+                prompt with the identifier removed ("a sks dog in the snow" -> "a dog in the snow")
+
+Our reading where the paper is silent: a generated image is compared with every real photo of its subject, its
+score is the mean of those cosines, and every row (overall, per subject, per prompt) is the mean over its
+images. An optional `face` score (PhotoVerse's face similarity) does the same with an ArcFace IResNet, on the
+images as they are: no face detection or alignment is done, so give face crops.
+
+The subjects, classes and prompts are those of the dataset's `prompts_and_classes.txt` (google/dreambooth, CC BY
+4.0; a verbatim copy is in assets/dreambench/): read from the dataset folder when it has the file, otherwise
+the lists below, which tests/test_eval.py checks against the copy.
+
+Outputs in --out: metrics.json (the scores, per-subject and per-prompt rows, the backbones), metrics.csv (one
+row per image) and contact_sheet.png (per subject: its real photos, then some of the generated images).
+"""
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+
+from data import IMAGE_SUFFIXES, load_image
+from hub import ModelLoadError, atomic_write, looks_like_path
+from image_encoders import CLIPModel, IResNet, ViTModel
+from sample import check_settings, default_device, generate, initial_latents, load_trained, make_grid, save_png
+from text_encoder import CLIPTokenizer
+
+DEFAULT_DINO = "facebook/dino-vits16"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+PROMPTS_FILE = "prompts_and_classes.txt"
+
+# ----------------------------------------------------------------------------- DreamBench: subjects, classes, prompts
+
+CLASSES = {
+    "backpack": "backpack", "backpack_dog": "backpack", "bear_plushie": "stuffed animal", "berry_bowl": "bowl",
+    "can": "can", "candle": "candle", "cat": "cat", "cat2": "cat", "clock": "clock", "colorful_sneaker": "sneaker",
+    "dog": "dog", "dog2": "dog", "dog3": "dog", "dog5": "dog", "dog6": "dog", "dog7": "dog", "dog8": "dog",
+    "duck_toy": "toy", "fancy_boot": "boot", "grey_sloth_plushie": "stuffed animal", "monster_toy": "toy",
+    "pink_sunglasses": "glasses", "poop_emoji": "toy", "rc_car": "toy", "red_cartoon": "cartoon", "robot_toy": "toy",
+    "shiny_sneaker": "sneaker", "teapot": "teapot", "vase": "vase", "wolf_plushie": "stuffed animal",
+}
+LIVE_CLASSES = ("cat", "dog")  # the paper's "live subjects" (the file does not mark them): they take LIVE_PROMPTS
+
+# {0} = the identifier ("sks"), {1} = the class noun, as `.format(unique_token, class_token)` in the file
+COMMON = ["a {0} {1} in the jungle", "a {0} {1} in the snow", "a {0} {1} on the beach",
+          "a {0} {1} on a cobblestone street", "a {0} {1} on top of pink fabric", "a {0} {1} on top of a wooden floor",
+          "a {0} {1} with a city in the background", "a {0} {1} with a mountain in the background",
+          "a {0} {1} with a blue house in the background", "a {0} {1} on top of a purple rug in a forest"]
+RECOLOR = ["a red {0} {1}", "a purple {0} {1}", "a shiny {0} {1}", "a wet {0} {1}", "a cube shaped {0} {1}"]
+OBJECT_PROMPTS = COMMON + [
+    "a {0} {1} with a wheat field in the background", "a {0} {1} with a tree and autumn leaves in the background",
+    "a {0} {1} with the Eiffel Tower in the background", "a {0} {1} floating on top of water",
+    "a {0} {1} floating in an ocean of milk", "a {0} {1} on top of green grass with sunflowers around it",
+    "a {0} {1} on top of a mirror", "a {0} {1} on top of the sidewalk in a crowded street",
+    "a {0} {1} on top of a dirt road", "a {0} {1} on top of a white rug"] + RECOLOR
+LIVE_PROMPTS = COMMON + [
+    "a {0} {1} wearing a red hat", "a {0} {1} wearing a santa hat", "a {0} {1} wearing a rainbow scarf",
+    "a {0} {1} wearing a black top hat and a monocle", "a {0} {1} in a chef outfit",
+    "a {0} {1} in a firefighter outfit", "a {0} {1} in a police outfit", "a {0} {1} wearing pink glasses",
+    "a {0} {1} wearing a yellow shirt", "a {0} {1} in a purple wizard outfit"] + RECOLOR
+
+
+def parse_prompts_file(path) -> tuple[dict[str, str], list[str], list[str]]:
+    """prompts_and_classes.txt -> (subject -> class, object prompts, live-subject prompts)."""
+    classes, lists, section = {}, {"Object Prompts": [], "Live Subject Prompts": []}, None
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line in ("Classes", "Prompts") or line in lists:
+            section = line
+        elif section == "Classes" and "," in line and line != "subject_name,class":
+            subject, cls = line.split(",", 1)
+            classes[subject] = cls
+        elif section in lists and (m := re.fullmatch(r"'(.*)'\.format\(unique_token, class_token\),?", line)):
+            lists[section].append(m.group(1))
+    if not classes or not all(lists.values()):
+        raise ValueError(f"'{path}' is not DreamBench's {PROMPTS_FILE}: no classes or prompt lists found in it")
+    return classes, lists["Object Prompts"], lists["Live Subject Prompts"]
+
+
+def dreambench(dataset=None) -> tuple[dict[str, str], list[str], list[str]]:
+    """The dataset folder's own file when it has one, else the lists above."""
+    path = Path(dataset) / PROMPTS_FILE if dataset else None
+    return parse_prompts_file(path) if path and path.is_file() else (dict(CLASSES), OBJECT_PROMPTS, LIVE_PROMPTS)
+
+
+def remove_identifier(prompt: str, identifier: str) -> str:
+    """Drop the identifier where it stands as a whole word, then tidy the spaces."""
+    text = re.sub(rf"(?<!\S){re.escape(identifier)}(?!\S)", " ", prompt)
+    return " ".join(text.split())
+
+# ----------------------------------------------------------------------------- images and their prompts
+
+
+@dataclass
+class Group:
+    """The generated images of one subject, their prompts, and the subject's real photos."""
+    subject: str
+    images: list[Path]
+    prompts: list[str]
+    references: list[Path]
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def png_prompt(path: Path) -> str | None:
+    """The `prompt` text chunk that sample.py and this file write into PNGs."""
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get("prompt")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image '{path}': {e}") from None
+
+
+def reference_images(reference: Path, subject: str, single: bool) -> list[Path]:
+    """A subject's real photos: the --reference folder itself, or its subfolder named after the subject."""
+    folder = reference if single and image_files(reference) else reference / subject
+    if not folder.is_dir() or not image_files(folder):
+        raise ValueError(f"no reference images for subject '{subject}' in '{folder}': give --reference a folder of "
+                         f"the subject's photos, or a DreamBench folder with one subfolder per subject")
+    return image_files(folder)
+
+
+def collect_groups(args) -> list[Group]:
+    """Scoring mode: --images holds images (one subject) or one subfolder of images per subject."""
+    images, reference = Path(args.images), Path(args.reference) if args.reference else None
+    if not images.is_dir():
+        raise ValueError(f"--images folder '{images}' does not exist")
+    if reference is None or not reference.is_dir():
+        raise ValueError(f"--reference folder '{reference}' does not exist: give the subject's real photos")
+    if image_files(images):
+        if args.subjects and len(args.subjects) > 1:
+            raise ValueError(f"--images '{images}' holds one subject's images, but --subjects names "
+                             f"{len(args.subjects)}: give a folder with one subfolder per subject")
+        subject = args.subjects[0] if args.subjects else reference.name
+        folders = {subject: images}
+    else:
+        folders = {d.name: d for d in sorted(images.iterdir()) if d.is_dir() and image_files(d)}
+        if not folders:
+            raise ValueError(f"--images folder '{images}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no "
+                             f"subfolders of images")
+        for s in args.subjects or []:
+            if s not in folders:
+                raise ValueError(f"subject '{s}' has no images in '{images}' (subfolders: {', '.join(folders)})")
+        folders = {s: d for s, d in folders.items() if not args.subjects or s in args.subjects}
+    groups = []
+    for subject, folder in folders.items():
+        paths = image_files(folder)
+        prompts = [args.prompt] * len(paths) if args.prompt else [png_prompt(p) for p in paths]
+        missing = [p.name for p, q in zip(paths, prompts) if not q]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) in '{folder}' have no prompt in their PNG text (e.g. "
+                             f"{missing[0]}): pass --prompt TEXT, or generate them with sample.py")
+        groups.append(Group(subject, paths, prompts, reference_images(reference, subject, len(folders) == 1)))
+    return groups
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def mean_cosine(x: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """(n, e), (m, e) -> (n,): each row's mean cosine similarity to all rows of `refs`."""
+    return (F.normalize(x, dim=-1) @ F.normalize(refs, dim=-1).T).mean(dim=1)
+
+
+def row_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n, e), (n, e) -> (n,): cosine of matching rows (CLIP-T: image i with its own prompt)."""
+    return F.cosine_similarity(x, y, dim=-1)
+
+
+@torch.no_grad()
+def embed(encode, preprocess, paths: list[Path], device, batch_size: int = 32) -> torch.Tensor:
+    out = []
+    for i in range(0, len(paths), batch_size):  # load_image applies EXIF rotation: photos are scored as seen
+        pixels = preprocess([load_image(p) for p in paths[i:i + batch_size]])
+        out.append(encode(pixels.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def score(groups: list[Group], encoders: dict, identifier: str, keep_identifier: bool, device) -> list[dict]:
+    """One row per generated image: subject, prompt, file, and its dino / clip_i / clip_t (/ face) scores."""
+    clip, tokenizer = encoders["clip"], CLIPTokenizer.from_pretrained(None)  # OpenAI CLIP's vocab, as SD's
+    image_encoders = {"dino": (encoders["dino"].features, encoders["dino"].preprocess),
+                      "clip_i": (clip.get_image_features, clip.preprocess)}
+    if "face" in encoders:
+        image_encoders["face"] = (encoders["face"], encoders["face"].preprocess)
+    rows = []
+    for g in groups:
+        scores, generated = {}, {}
+        for name, (encode, preprocess) in image_encoders.items():
+            generated[name] = embed(encode, preprocess, g.images, device)
+            scores[name] = mean_cosine(generated[name], embed(encode, preprocess, g.references, device))
+        texts = [p if keep_identifier else remove_identifier(p, identifier) for p in g.prompts]
+        with torch.no_grad():
+            text = clip.get_text_features(tokenizer(texts).to(device)).float().cpu()
+        scores["clip_t"] = row_cosine(generated["clip_i"], text)
+        for i, (path, prompt) in enumerate(zip(g.images, g.prompts)):
+            rows.append({"subject": g.subject, "prompt": prompt, "image": str(path),
+                         **{k: float(v[i]) for k, v in scores.items()}})
+    return rows
+
+
+def summarize(rows: list[dict], keys: list[str]) -> dict:
+    """Means over all images, per subject, and per (subject, prompt)."""
+    def mean(rs):
+        return {k: float(np.mean([r[k] for r in rs])) for k in keys}
+    by_subject, by_prompt = {}, {}
+    for r in rows:
+        by_subject.setdefault(r["subject"], []).append(r)
+        by_prompt.setdefault((r["subject"], r["prompt"]), []).append(r)
+    return {**mean(rows), "num_images": len(rows),
+            "subjects": [{"subject": s, "num_images": len(rs), **mean(rs)} for s, rs in by_subject.items()],
+            "prompts": [{"subject": s, "prompt": p, "num_images": len(rs), **mean(rs)}
+                        for (s, p), rs in by_prompt.items()]}
+
+
+def thumbnail(path: Path, size: int) -> Image.Image:
+    return ImageOps.fit(load_image(path), (size, size), Image.BICUBIC)
+
+
+def contact_sheet(groups: list[Group], size: int = 128, max_generated: int = 8) -> Image.Image:
+    """One row per subject: its real photos, its name, then up to `max_generated` generated images spread over
+    its prompts."""
+    n_ref = max(len(g.references) for g in groups)
+    rows = []
+    for g in groups:
+        picks = np.unique(np.linspace(0, len(g.images) - 1, min(max_generated, len(g.images))).round().astype(int))
+        blank = [Image.new("RGB", (size, size), "white") for _ in range(n_ref - len(g.references) + 1)]
+        ImageDraw.Draw(blank[-1]).text((4, size // 2), g.subject, fill="black")
+        cells = [thumbnail(p, size) for p in g.references] + blank + [thumbnail(g.images[i], size) for i in picks]
+        rows.append(make_grid(cells, cols=len(cells)))
+    sheet = Image.new("RGB", (max(r.width for r in rows), size * len(rows)), "white")
+    for i, r in enumerate(rows):
+        sheet.paste(r, (0, i * size))
+    return sheet
+
+
+def write_outputs(out: Path, rows: list[dict], groups: list[Group], meta: dict, keys: list[str]) -> dict:
+    summary = summarize(rows, keys)
+    metrics = {k: summary[k] for k in [*keys, "num_images"]} | meta | {k: summary[k] for k in ("subjects", "prompts")}
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+
+    def write_csv(p):
+        with open(p, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["subject", "prompt", "image", *keys])
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(out / "metrics.csv", write_csv)
+    save_png(contact_sheet(groups), out / "contact_sheet.png", {"subjects": json.dumps([g.subject for g in groups])})
+    return metrics
+
+# ----------------------------------------------------------------------------- the protocol: generate, then score
+
+
+def protocol_jobs(args) -> list[tuple[str, str, list[str]]]:
+    """(subject, class, prompts) for each chosen subject, checked before any model loads."""
+    classes, object_prompts, live_prompts = dreambench(args.reference)
+    subjects = args.subjects or list(classes)
+    unknown = [s for s in subjects if s not in classes]
+    if unknown:
+        raise ValueError(f"unknown subject(s) {', '.join(unknown)}: DreamBench's are {', '.join(classes)}")
+    jobs = []
+    for s in subjects:
+        templates = live_prompts if classes[s] in LIVE_CLASSES else object_prompts
+        ids = args.prompt_ids if args.prompt_ids is not None else range(len(templates))
+        if any(not 0 <= i < len(templates) for i in ids):
+            raise ValueError(f"--prompt_ids must be in 0..{len(templates) - 1}, got {list(ids)}")
+        jobs.append((s, classes[s], [templates[i].format(args.identifier, classes[s]) for i in ids]))
+    return jobs
+
+
+def generate_groups(args, jobs, references: dict[str, list[Path]], device) -> list[Group]:
+    """Generate --num_images per prompt into out/images/<subject>/, the same seed for every prompt."""
+    models = load_trained(args.model, device=device)
+    size = models.unet.config.sample_size * 8
+    groups = []
+    for subject, cls, prompts in jobs:
+        paths, texts = [], []
+        for j, prompt in enumerate(prompts):
+            latents = initial_latents(args.num_images, size, size, args.seed)
+            images = generate(models, [prompt] * args.num_images, seed=args.seed, steps=args.steps,
+                              guidance=args.guidance, sampler=args.sampler, height=size, width=size,
+                              latents=latents, progress=False)
+            for k, im in enumerate(images):
+                path = Path(args.out) / "images" / subject / f"{j:02d}_{k}.png"
+                save_png(im, path, dict(prompt=prompt, subject=subject, class_name=cls, seed=args.seed, index=k,
+                                        steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                        model=args.model))
+                paths.append(path)
+                texts.append(prompt)
+        groups.append(Group(subject, paths, texts, references[subject]))
+    return groups
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DreamBench metrics (DINO, CLIP-I, CLIP-T) of generated images.")
+    p.add_argument("--images", help="generated images: one folder, or one subfolder per subject (scoring mode)")
+    p.add_argument("--reference", "--dataset", dest="reference",
+                   help="real photos: one subject's folder, or a DreamBench folder with a subfolder per subject")
+    p.add_argument("--prompt", help="the prompt of every image (default: each PNG's `prompt` text)")
+    p.add_argument("--model", help="protocol mode: the trained model to generate with (train.py output, folder or "
+                   "Hub id)")
+    p.add_argument("--subjects", nargs="+", help="subjects to evaluate (default: all)")
+    p.add_argument("--prompt_ids", nargs="+", type=int, help="protocol: which of the 25 prompts (default: all)")
+    p.add_argument("--num_images", type=int, default=4, help="protocol: images per prompt (paper: 4)")
+    p.add_argument("--identifier", default="sks", help="the subject's rare token: fills {0} in the prompts and is "
+                   "removed from CLIP-T's text")
+    p.add_argument("--keep_identifier", action="store_true", help="keep the identifier in CLIP-T's text")
+    p.add_argument("--dino_model", default=DEFAULT_DINO)
+    p.add_argument("--clip_model", default=DEFAULT_CLIP, help="openai/clip-vit-base-patch32 or -large-patch14")
+    p.add_argument("--face_model", help="optional: an arcface_torch IResNet checkpoint file, adds a `face` score")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="eval", help="output folder")
+    return p.parse_args(argv)
+
+
+def check_model_arg(flag: str, name) -> None:
+    if name and looks_like_path(str(name)) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"--{flag} '{name}' does not exist")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # 1. everything that can be checked without loading a model
+    if (args.model is None) == (args.images is None):
+        raise ValueError("give --images DIR to score generated images, or --model MODEL to generate and score")
+    if args.model and args.prompt:
+        raise ValueError("--prompt is for scoring --images; the protocol uses DreamBench's prompts (see --prompt_ids)")
+    if args.num_images < 1:
+        raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
+    for flag in ("model", "dino_model", "clip_model", "face_model"):
+        check_model_arg(flag, getattr(args, flag))
+    if args.model:
+        if not (args.reference and Path(args.reference).is_dir()):
+            raise ValueError(f"--dataset folder '{args.reference}' does not exist: the protocol needs the subjects' "
+                             f"photos")
+        check_settings(8, 8, args.steps, args.guidance, args.sampler)
+        jobs = protocol_jobs(args)
+        references = {s: reference_images(Path(args.reference), s, len(jobs) == 1) for s, _, _ in jobs}
+    else:
+        groups = collect_groups(args)
+    device = default_device() if args.device == "auto" else args.device
+    # 2. load the encoders (a download that fails should fail before hours of sampling), generate, score
+    encoders = {"dino": ViTModel.from_pretrained(args.dino_model, device=device),
+                "clip": CLIPModel.from_pretrained(args.clip_model, device=device)}
+    if args.face_model:
+        encoders["face"] = IResNet.from_file(args.face_model, device=device)
+    if args.model:
+        groups = generate_groups(args, jobs, references, device)
+    rows = score(groups, encoders, args.identifier, args.keep_identifier, device)
+    keys = ["dino", "clip_i", "clip_t"] + (["face"] if args.face_model else [])
+    meta = {"backbones": {"dino": str(args.dino_model), "clip": str(args.clip_model),
+                          **({"face": str(args.face_model)} if args.face_model else {})},
+            "identifier": args.identifier, "keep_identifier": args.keep_identifier, "model": args.model}
+    metrics = write_outputs(Path(args.out), rows, groups, meta, keys)
+    print(" ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" ({len(rows)} images) -> {args.out}/metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, ModelLoadError) as e:
+        sys.exit(f"error: {e}")

@@ -9,6 +9,7 @@ Checkpoint-name contract: a LoRA layer replaces the layer at the same path and k
 `weight` / `bias`, so the base keys are unchanged (`...attn2.to_k.weight` still loads strict=True), and
 adds `...attn2.to_k.lora_A.weight` / `...lora_B.weight`, the names peft gives them. A LoRA file is these
 keys under a model prefix (`unet.`, `text_encoder.`): diffusers' `pytorch_lora_weights.safetensors`.
+The kohya / A1111 / ComfyUI layout (`lora_unet_..._to_q.lora_down.weight`, `.alpha`) is written and read too.
 
 Shapes: A (r, in) or (r, in, 1, 1), B (out, r) or (out, r, 1, 1); r the rank.
 """
@@ -188,17 +189,51 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in lora_keys}
 
 
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fine-tuned model's state dict, W + scale * B A in each LoRA layer's `weight`, without merging
+    (the model is not changed). For a model with no LoRA it is the state dict."""
+    sd = base_state_dict(model)
+    for name, layer in lora_layers(model).items():
+        if not layer.merged:
+            sd[f"{name}.weight"] = layer.weight + layer.delta_weight().to(layer.weight.dtype)
+    return sd
+
+
 # ----------------------------------------------------------------------------- files
-# One file holds `{prefix}.{path}.lora_A.weight` / `.lora_B.weight` for each model (`unet`, `text_encoder`),
-# B unscaled. Its metadata carries the scale twice: diffusers' own `lora_adapter_metadata` (a peft
-# `LoraConfig` per prefix: r, lora_alpha, target_modules; read by `load_lora_weights` / `load_lora_adapter`
-# since diffusers 0.34, PR #11324), and ours, `nanobooth` = {prefix: {rank, alpha}}. kohya / A1111 export would be
-# a key rename of `lora_state_dict` (`lora_unet_{path with _}.lora_down/up.weight` plus an `.alpha`
-# tensor) written beside `save_lora`.
+# Two layouts, both carrying rank (the shapes) and alpha, so the scale alpha / r is never lost:
+# - diffusers / peft (`save_lora`, the default): `{prefix}.{path}.lora_A.weight` / `.lora_B.weight` for each
+#   model (`unet`, `text_encoder`), B unscaled. The scale is in the metadata twice: diffusers' own
+#   `lora_adapter_metadata` (a peft `LoraConfig` per prefix: r, lora_alpha, target_modules; read by
+#   `load_lora_weights` / `load_lora_adapter` since diffusers 0.34, PR #11324), and ours, `nanobooth` =
+#   {prefix: {rank, alpha}}.
+# - kohya / A1111 / ComfyUI (`save_lora_kohya`): `lora_unet_{path with . -> _}.lora_down.weight` (A),
+#   `.lora_up.weight` (B) and `.alpha` (a 0-d tensor) per module; the text encoder's prefix is `lora_te_`
+#   with transformers 4's names (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`), which diffusers'
+#   `_convert_non_diffusers_lora_to_diffusers` (loaders/lora_conversion_utils.py) maps back.
+# Both read into one form, {prefix: {module path: {"A", "B", "alpha"}}}, which `load_lora` applies.
+
+KOHYA = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_PARAMS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+
 
 def lora_file(path) -> Path:
     path = Path(path)
     return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+
+
+def model_modules(models: dict[str, nn.Module], kind: str) -> dict[str, dict[str, dict]]:
+    """{prefix: {path: {"A", "B", "alpha"}}} of models' LoRA layers, for saving (`kind` names the format)."""
+    modules = {}
+    for prefix, m in models.items():
+        layers = lora_layers(m)
+        if not layers:
+            raise ValueError(f"{kind}: the '{prefix}' model has no LoRA layers (call inject_lora first)")
+        if any(layer.merged for layer in layers.values()):
+            raise ValueError(f"{kind}: '{prefix}' is merged; call unmerge_lora first so B is saved on its own")
+        modules[prefix] = {name: {"A": layer.lora_A.weight, "B": layer.lora_B.weight, "alpha": layer.alpha}
+                           for name, layer in layers.items()}
+    return modules
 
 
 def save_lora(path, model, prefix: str = "unet") -> Path:
@@ -206,26 +241,53 @@ def save_lora(path, model, prefix: str = "unet") -> Path:
     `path` is a .safetensors file or a folder (then `pytorch_lora_weights.safetensors` in it)."""
     models = model if isinstance(model, dict) else {prefix: model}
     tensors, ours, theirs = {}, {}, {}
-    for prefix, m in models.items():
-        layers = lora_layers(m)
-        if not layers:
-            raise ValueError(f"save_lora: the '{prefix}' model has no LoRA layers (call inject_lora first)")
-        configs = {(layer.rank, layer.alpha) for layer in layers.values()}
+    for prefix, modules in model_modules(models, "save_lora").items():
+        configs = {(ab["A"].shape[0], ab["alpha"]) for ab in modules.values()}
         if len(configs) > 1:
-            raise ValueError(f"save_lora stores one rank and alpha per model; '{prefix}' has {sorted(configs)}")
-        if any(layer.merged for layer in layers.values()):
-            raise ValueError(f"save_lora: '{prefix}' is merged; call unmerge_lora first so B is saved on its own")
+            raise ValueError(f"save_lora stores one rank and alpha per model; '{prefix}' has {sorted(configs)}: "
+                             f"use save_lora_kohya, which stores an alpha per module")
         (rank, alpha), = configs
-        tensors.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in lora_state_dict(m).items()})
+        for name, ab in modules.items():
+            tensors |= {f"{prefix}.{name}.lora_{x}.weight": ab[x].detach().to("cpu").contiguous() for x in "AB"}
         ours[prefix] = {"rank": rank, "alpha": alpha}
         # transformers >= 5 drops CLIPTextModel's `text_model.` level, and diffusers strips it from the
         # keys but not from target_modules; peft matches names by suffix, so the shorter name fits both
         theirs.update({f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha,
-                       f"{prefix}.target_modules": sorted(n.removeprefix("text_model.") for n in layers)})
+                       f"{prefix}.target_modules": sorted(n.removeprefix("text_model.") for n in modules)})
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(theirs), "nanobooth": json.dumps(ours)}
     file = lora_file(path)
     atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return file
+
+
+def write_kohya(path, modules: dict[str, dict[str, dict]], dtype: torch.dtype | None = None) -> Path:
+    """Write {prefix: {path: {"A", "B", "alpha"}}} as a kohya LoRA file (A, B in `dtype`; alpha float32)."""
+    first = next((ab for layers in modules.values() for ab in layers.values()), None)
+    if first is None:
+        raise ValueError(f"no LoRA weights to write to '{path}'")
+    tensors = {}
+    for prefix, layers in modules.items():
+        if prefix not in KOHYA:
+            raise ValueError(f"the kohya format holds LoRAs of {sorted(KOHYA)}, not '{prefix}'")
+        for name, ab in layers.items():
+            if prefix == "text_encoder" and not name.startswith("text_model."):
+                name = f"text_model.{name}"  # a diffusers file written with transformers >= 5 lacks the level
+            key = KOHYA[prefix] + name.replace(".", "_")
+            for param, x in KOHYA_PARAMS.items():
+                value = ab[x].detach().to("cpu", dtype or ab[x].dtype) if x != "alpha" else torch.tensor(float(ab[x]))
+                tensors[f"{key}.{param}"] = value.contiguous()
+    # kohya's sd-scripts metadata (`ss_*`), which A1111 / ComfyUI show; dim and alpha of the first module
+    metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(first["A"].shape[0]),
+                "ss_network_alpha": f"{float(first['alpha']):g}"}
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return path
+
+
+def save_lora_kohya(path, model, prefix: str = "unet", dtype: torch.dtype | None = None) -> Path:
+    """`save_lora` in the kohya / A1111 / ComfyUI layout, to the .safetensors file `path`."""
+    models = model if isinstance(model, dict) else {prefix: model}
+    return write_kohya(path, model_modules(models, "save_lora_kohya"), dtype)
 
 
 def read_lora_file(path) -> tuple[dict, dict]:
@@ -243,44 +305,102 @@ def read_lora_file(path) -> tuple[dict, dict]:
     return tensors, alphas
 
 
-@torch.no_grad()
-def load_lora(path, models: dict[str, nn.Module]) -> dict:
-    """Load a LoRA file into {prefix: model}, injecting LoRA layers where a model has none yet.
-    Returns {prefix: {"rank", "alpha", "modules"}}."""
-    tensors, alphas = read_lora_file(path)
-    groups = {}  # prefix -> module path -> {"A": tensor, "B": tensor}
+def is_kohya(tensors: dict) -> bool:
+    return any(k.startswith(tuple(KOHYA.values())) for k in tensors)
+
+
+def diffusers_modules(tensors: dict, alphas: dict, path) -> dict[str, dict[str, dict]]:
+    """{prefix: {path: {"A", "B", "alpha"}}} of a diffusers-layout file; alpha per prefix, else the rank."""
+    modules = {}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")
         name, dot, param = rest.rpartition(".lora_")
         if not dot or param not in ("A.weight", "B.weight"):
             raise ValueError(f"'{key}' in '{path}' is not a `{{prefix}}.{{module}}.lora_A/B.weight` key: only the "
-                             f"diffusers/peft LoRA layout is read (kohya `lora_down/up` files are not supported)")
+                             f"diffusers/peft and kohya (`lora_unet_...lora_down/up.weight`) LoRA layouts are read")
+        modules.setdefault(prefix, {}).setdefault(name, {})[param[0]] = value
+    for prefix, layers in modules.items():
+        for ab in layers.values():
+            if "A" in ab:
+                ab["alpha"] = alphas.get(prefix, ab["A"].shape[0])
+    return modules
+
+
+def kohya_modules(tensors: dict, models: dict[str, nn.Module], path) -> dict[str, dict[str, dict]]:
+    """The same for a kohya file. `_` stands for both `.` and `_` in its names, so they are matched against
+    the models' module names; a module with no `.alpha` has alpha = rank (kohya's default)."""
+    modules, lookup = {}, {}
+    for key, value in tensors.items():
+        lora_name, _, param = key.partition(".")
+        prefix = next((p for p, k in KOHYA.items() if lora_name.startswith(k)), None)
+        if prefix is None or param not in KOHYA_PARAMS:
+            raise ValueError(f"'{key}' in '{path}' is not a kohya LoRA key (`lora_unet_` / `lora_te_` + "
+                             f"`.lora_down.weight`, `.lora_up.weight`, `.alpha`); LoCon / LoHa / DoRA are not read")
         if prefix not in models:
             raise ValueError(f"'{path}' has LoRA weights for '{prefix}' but models only has {sorted(models)}: "
                              f"pass the '{prefix}' model too")
-        groups.setdefault(prefix, {}).setdefault(name, {})[param[0]] = value
-    halves = [f"{p}.{n}" for p, modules in groups.items() for n, ab in modules.items() if len(ab) != 2]
+        if prefix not in lookup:
+            lookup[prefix] = {n.replace(".", "_"): n for n, _ in models[prefix].named_modules()}
+        flat = lora_name[len(KOHYA[prefix]):]
+        name = lookup[prefix].get(flat)
+        if name is None:
+            raise ValueError(f"kohya LoRA module '{lora_name}' in '{path}' matches no module of the '{prefix}' model "
+                             f"({type(models[prefix]).__name__})")
+        entry = modules.setdefault(prefix, {}).setdefault(name, {})
+        entry[KOHYA_PARAMS[param]] = float(value) if param == "alpha" else value
+    for layers in modules.values():
+        for ab in layers.values():
+            if "A" in ab:
+                ab.setdefault("alpha", float(ab["A"].shape[0]))
+    return modules
+
+
+def check_pairs(modules: dict[str, dict[str, dict]], path) -> None:
+    halves = [f"{p}.{n}" for p, layers in modules.items() for n, ab in layers.items() if not {"A", "B"} <= set(ab)]
     if halves:
         raise ValueError(f"'{path}' has lora_A without lora_B or the reverse for {halves[:3]}: a truncated file?")
+
+
+@torch.no_grad()
+def load_lora(path, models: dict[str, nn.Module]) -> dict:
+    """Load a LoRA file (diffusers or kohya layout) into {prefix: model}, injecting LoRA layers where a
+    model has none yet. Returns {prefix: {"rank", "alpha", "modules"}} (rank and alpha of its first module)."""
+    tensors, alphas = read_lora_file(path)
+    groups = kohya_modules(tensors, models, path) if is_kohya(tensors) else diffusers_modules(tensors, alphas, path)
+    unknown_prefixes = [p for p in groups if p not in models]
+    if unknown_prefixes:
+        raise ValueError(f"'{path}' has LoRA weights for '{unknown_prefixes[0]}' but models only has {sorted(models)}: "
+                         f"pass the '{unknown_prefixes[0]}' model too")
+    check_pairs(groups, path)
     info = {}
     for prefix, modules in groups.items():
-        model, rank = models[prefix], next(iter(modules.values()))["A"].shape[0]
-        alpha = alphas.get(prefix, rank)
+        model = models[prefix]
         existing = dict(model.named_modules())
         unknown = [n for n in modules if n not in existing]
         if unknown:
             raise ValueError(f"{len(unknown)} LoRA module(s) in '{path}' match no module of the '{prefix}' model "
                              f"({type(model).__name__}), e.g. {unknown[:3]}")
         for name, ab in modules.items():
-            layer = existing[name]
+            layer, rank, alpha = existing[name], ab["A"].shape[0], float(ab["alpha"])
             if not isinstance(layer, LoRALayer):
-                layer = wrap(layer, name, ab["A"].shape[0], alpha)
+                layer = wrap(layer, name, rank, alpha)
                 replace_module(model, name, layer)
-            elif layer.merged or (layer.rank, layer.alpha) != (ab["A"].shape[0], alpha):
+            elif layer.merged or (layer.rank, layer.alpha) != (rank, alpha):
                 raise ValueError(f"'{prefix}.{name}' has rank {layer.rank}, alpha {layer.alpha:g}, merged "
-                                 f"{layer.merged}; the file needs rank {ab['A'].shape[0]}, alpha {alpha:g}, unmerged")
+                                 f"{layer.merged}; the file needs rank {rank}, alpha {alpha:g}, unmerged")
             # load_state_dict checks the shapes (copy_ would broadcast)
             layer.lora_A.load_state_dict({"weight": ab["A"]})
             layer.lora_B.load_state_dict({"weight": ab["B"]})
-        info[prefix] = {"rank": rank, "alpha": float(alpha), "modules": sorted(modules)}
+        first = next(iter(modules.values()))
+        info[prefix] = {"rank": first["A"].shape[0], "alpha": float(first["alpha"]), "modules": sorted(modules)}
     return info
+
+
+def lora_to_kohya(src, dst, dtype: torch.dtype | None = None) -> Path:
+    """Convert a diffusers-layout LoRA file (ours or diffusers') to a kohya file, keeping each alpha."""
+    tensors, alphas = read_lora_file(src)
+    if is_kohya(tensors):
+        raise ValueError(f"'{lora_file(src)}' is already in the kohya layout")
+    modules = diffusers_modules(tensors, alphas, src)
+    check_pairs(modules, src)
+    return write_kohya(dst, modules, dtype)

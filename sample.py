@@ -54,7 +54,11 @@ class SDModels:
 
 
 def load_models(name_or_path=DEFAULT_MODEL, dtype=torch.float32, device="cpu", revision=None, variant=None) -> SDModels:
-    """Load all parts from a Hub id or a local diffusers-layout folder (each part from its subfolder)."""
+    """Load all parts from a Hub id or a local diffusers-layout folder (each part from its subfolder),
+    or from an original single-file checkpoint (.safetensors / .ckpt, read by single_file.py)."""
+    if str(name_or_path).endswith((".safetensors", ".ckpt")):
+        from single_file import load_single_file
+        return load_single_file(name_or_path, dtype=dtype, device=device)
     kw = dict(dtype=dtype, device=device, revision=revision, variant=variant)
     return SDModels(tokenizer=CLIPTokenizer.from_pretrained(name_or_path, revision=revision),
                     text_encoder=CLIPTextModel.from_pretrained(name_or_path, **kw),
@@ -230,8 +234,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion model (Hub id or folder).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local diffusers-layout folder, or a "
-                   "train.py output/checkpoint folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local diffusers-layout folder, "
+                   "single-file checkpoint (.safetensors/.ckpt), or a train.py output/checkpoint folder")
     p.add_argument("--prompt", action="append", help="prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--negative_prompt", default="")
@@ -270,8 +274,10 @@ def main(argv=None) -> list[Path]:
     check_settings(args.height or 8, args.width or 8, args.steps, args.guidance, args.sampler)
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num_images and --batch_size must be at least 1")
-    if looks_like_path(str(args.model)) and not Path(args.model).expanduser().is_dir():
-        raise ModelLoadError(f"--model folder '{args.model}' does not exist")
+    model = Path(args.model).expanduser()
+    single_file = model.suffix in (".safetensors", ".ckpt") and model.is_file()
+    if looks_like_path(str(args.model)) and not (model.is_dir() or single_file):
+        raise ModelLoadError(f"--model folder or file '{args.model}' does not exist")
     device = default_device() if args.device == "auto" else args.device
     # 2. load once
     models = load_trained(args.model, dtype=DTYPES[args.dtype], device=device)

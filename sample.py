@@ -252,6 +252,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--lora", default=None, help="a LoRA file or folder written by train.py")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--method", default="text2image", choices=["text2image", "photoverse"])
+    p.add_argument("--adapter", help="photoverse: the adapter checkpoint (photoverse.safetensors or its folder)")
+    p.add_argument("--face", help="photoverse: one face image; the prompt names the person S*")
+    p.add_argument("--gamma", type=float, default=1.0, help="photoverse: weight of the text branch")
+    p.add_argument("--sigma", type=float, default=1.0, help="photoverse: weight of the image branch")
+    p.add_argument("--num_words", type=int, default=1, help="photoverse: pseudo-words that replace S*")
     return p.parse_args(argv)
 
 
@@ -269,6 +275,9 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
+    if args.method == "photoverse":             # one face image -> adapters -> images (photoverse.py)
+        import photoverse
+        return photoverse.sample_main(args)
     # 1. everything that can be checked without loading a model
     prompts = read_prompts(args)
     check_settings(args.height or 8, args.width or 8, args.steps, args.guidance, args.sampler)

@@ -1,7 +1,11 @@
-"""Personalize Stable Diffusion: DreamBooth, DreamBooth-LoRA, Textual Inversion.
+"""Personalize Stable Diffusion: DreamBooth, DreamBooth-LoRA, Textual Inversion, ComFusion, object-driven one-shot.
 
     python train.py --method dreambooth --instance_data_dir photos/ --instance_prompt "a photo of sks dog" \
         --with_prior_preservation --class_prompt "a photo of dog" --output_dir runs/dog
+    python train.py --method comfusion --instance_data_dir photo/ --instance_prompt "a photo of sks dog" \
+        --class_prompt "a photo of dog" --class_data_dir class_scenes/ --output_dir runs/comfusion
+    python train.py --method objectdriven --objects assets/demo/dog_object.json --class_data_dir classes/ \
+        --output_dir runs/objectdriven
     python train.py --demo              # offline: a tiny model and the demo dog in assets/, on a CPU
 
 Flags are named as in diffusers' examples/dreambooth/train_dreambooth.py wherever the concept is the
@@ -11,7 +15,9 @@ same. The file reads top to bottom as one loop:
            -> for step: batch -> loss (losses.py) -> backward -> clip -> step -> log / checkpoint / validate
            -> final output
 
-What differs between methods is the trainable set (here) and the loss (losses.py).
+What differs between methods is the data they read (check_config -> Inputs), the trainable set (here) and the
+loss (losses.py). Two methods add a little: ComFusion's fusion-stream rows in each batch (`draw_fusion_rows`)
+with frozen DINO/CLIP encoders, and the object-driven method's stage 1 before the loop (`prototypical_stage`).
 """
 import argparse
 import contextlib
@@ -19,10 +25,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +37,32 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
+from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
 from data import list_images, load_image, prepare
 from hub import ModelLoadError, atomic_write, looks_like_path
+from image_encoders import CLIPModel, ViTModel
 from lora import inject_lora, load_lora, save_lora
-from losses import LOSSES
+from losses import LOSSES, clip_text_features, cosine_distance, prototypical_target
 from sample import (DEFAULT_MODEL, SDModels, add_token, default_device, encode_prompts, generate, load_models,
                     make_grid, save_models, save_png, write_result_info)
+from text_encoder import CLIPTokenizer
 
-METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion")
-DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4}  # methods.md section 1
+METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse")
+DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # methods.md section 1
+              "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The CLIP a method's loss uses unless --clip_model says otherwise. ComFusion [ours]: the CLIP-T/CLIP-I scorer's
+# default in eval.py, so it is trained against the family that scores it. Object-driven: T must be SD1's own text
+# encoder plus a CLIP text projection, so the CLIP whose text tower SD1 uses (methods.md section 3).
+DEFAULT_CLIP = {"comfusion": "openai/clip-vit-base-patch32", "objectdriven": "openai/clip-vit-large-patch14"}
+# ComFusion's scenes when no --scenes file is given [ours]: generic places that do not overlap the DreamBench
+# evaluation prompts (methods.md section 2)
+DEFAULT_SCENES = ("in a garden", "on a kitchen table", "in a library", "on a wooden dock by a lake", "in the desert",
+                  "in a living room", "at night under street lights", "on a balcony", "in a field of lavender",
+                  "on a stone bridge")
 
 # Textual Inversion's prompt templates (Gal et al. 2022, the first of `imagenet_templates_small`)
 TI_TEMPLATES = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -102,6 +122,36 @@ class TrainConfig:
     cache_latents: bool = False
     device: str = "auto"
     demo: bool = False
+    # ComFusion (methods.md section 2); its four loss weights are instance_loss_weight, prior_loss_weight (the
+    # class-scene prior), visual_loss_weight and textual_loss_weight [ours: 1, 1, 0.1, 0.1]
+    scenes: str | None = None                # text file, one scene phrase per line; None: DEFAULT_SCENES
+    num_scene_images: int = 20               # class-scene prior images per scene
+    tau_min: int = 200                       # the fusion stream's tau ~ U{tau_min..tau_max}, drawn per step [ours]
+    tau_max: int = 600
+    fusion_steps: int = 10                   # no-gradient DDIM steps from T down to tau
+    fusion_every: int = 1                    # run the fusion stream every N steps
+    fusion_guidance: float = 7.5             # classifier-free guidance in those steps [ours]
+    instance_loss_weight: float = 1.0
+    visual_loss_weight: float = 0.1
+    textual_loss_weight: float = 0.1
+    dino_model: str = "facebook/dino-vits16"
+    clip_model: str | None = None            # None: DEFAULT_CLIP of the method
+    # object-driven one-shot (methods.md section 3)
+    instance_mask: str | None = None         # the object's mask (white = object), the size of the one instance image
+    objects: str | None = None               # JSON list of {"image", "mask", "class", "token"}, paths relative to it
+    background_weight: float = 0.0           # weight of the pixels outside the mask in L_os
+    pe_steps: int = 200                      # stage 1: Adam steps on each new token's row [ours]
+    pe_lr: float = 1e-3                      # stage 1 learning rate [ours]
+    token_lr: float = 1e-4                   # stage 2: the new rows' learning rate (LoRA: --learning_rate) [ours]
+    # PhotoVerse (photoverse.py, methods.md section 4): --instance_data_dir is a folder of aligned faces;
+    # --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback encoder
+    vision_layers: str = "last,4,8,12,16"    # CLIP hidden states the adapters read [ours, ELITE's layers and order]
+    adapter_dim: int = 1024                  # adapter width [paper]
+    face_encoder: str | None = None          # an ArcFace IResNet checkpoint; None: DINO fallback [ours]
+    face_loss_weight: float = 0.01           # the loss weights [paper]
+    word_reg_weight: float = 0.01
+    value_reg_weight: float = 0.001
+    face_loss_max_timestep: int = 600        # L_face only for t < 600 [ours]
 
 
 DEMO = dict(  # the README's offline main job: the tiny model and the dog in assets/demo, ~2 min on 2 CPU cores
@@ -132,18 +182,52 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
-def check_config(cfg: TrainConfig) -> list[Path]:
-    """Every mistake we can see before loading a model: one line saying what to change. Returns the
-    instance image paths (each one opened, so a corrupt file fails now, not at step 300)."""
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One object of the object-driven method: its image, its binary mask, its class noun, its new token."""
+    image: Path
+    mask: Path
+    cls: str
+    token: str
+
+
+@dataclass
+class Inputs:
+    """The run's data as check_config read it, the same shape for every method."""
+    instance: list[tuple[Path, str, tuple[Path, ...]]]  # (image, prompt, the masks of its objects) rows
+    priors: list[tuple[str, Path, int]] = field(default_factory=list)  # (prompt, folder, count) of frozen-model images
+    tokens: dict[str, str] = field(default_factory=dict)   # new token -> the words whose rows initialise it
+    scenes: list[str] = field(default_factory=list)        # ComFusion
+    objects: list[ObjectSpec] = field(default_factory=list)  # object-driven
+
+
+METHOD_OPTIONS = {  # options only some methods read: giving one to another method is a mistake, not a no-op
+    "comfusion": ("scenes", "num_scene_images", "tau_min", "tau_max", "fusion_steps", "fusion_every",
+                  "fusion_guidance", "instance_loss_weight", "visual_loss_weight", "textual_loss_weight",
+                  "dino_model", "clip_model"),
+    "objectdriven": ("instance_mask", "objects", "background_weight", "pe_steps", "pe_lr", "token_lr", "clip_model"),
+    "photoverse": ("vision_layers", "adapter_dim", "face_encoder", "face_loss_weight", "word_reg_weight",
+                   "value_reg_weight", "face_loss_max_timestep", "dino_model", "clip_model"),
+}
+
+
+def check_config(cfg: TrainConfig) -> Inputs:
+    """Every mistake we can see before loading a model: one line saying what to change. Returns the run's
+    Inputs (each image opened, so a corrupt file fails now, not at step 300)."""
     if cfg.method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    defaults = TrainConfig()
+    for name in sorted({n for names in METHOD_OPTIONS.values() for n in names}):
+        owners = [m for m, names in METHOD_OPTIONS.items() if name in names]
+        if cfg.method not in owners and getattr(cfg, name) != getattr(defaults, name):
+            raise ValueError(f"--{name} is an option of --method {' and '.join(owners)}, not of {cfg.method}")
     if cfg.resolution % 8 or cfg.resolution <= 0:
         raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got '{cfg.mixed_precision}'")
     if cfg.weight_dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise ValueError(f"--weight_dtype must be auto, float32, float16 or bfloat16, got '{cfg.weight_dtype}'")
-    trains_full_weights = cfg.method != "dreambooth_lora" or cfg.train_text_encoder
+    trains_full_weights = cfg.method not in ("dreambooth_lora", "objectdriven") or cfg.train_text_encoder
     if cfg.weight_dtype in ("float16", "bfloat16") and trains_full_weights:
         raise ValueError(f"--weight_dtype {cfg.weight_dtype} would make trainable weights half precision, which breaks "
                          f"gradient unscaling and AdamW: keep trainable weights float32 (--weight_dtype auto) and use "
@@ -161,21 +245,160 @@ def check_config(cfg: TrainConfig) -> list[Path]:
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "rank", "num_class_images"):
+                 "validation_steps", "rank", "num_class_images", "num_scene_images", "fusion_steps", "fusion_every",
+                 "pe_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.method != "textual_inversion" and cfg.identifier not in cfg.instance_prompt.split():
+    if cfg.method in ("comfusion", "objectdriven"):
+        if cfg.train_text_encoder:
+            raise ValueError(f"--method {cfg.method} does not train the text encoder (methods.md): "
+                             f"drop --train_text_encoder")
+        if not cfg.class_data_dir:
+            raise ValueError(f"--method {cfg.method} needs --class_data_dir (its prior images are generated there once)")
+        for flag in ("clip_model", "dino_model") if cfg.method == "comfusion" else ("clip_model",):
+            name = getattr(cfg, flag)
+            if name and looks_like_path(name) and not Path(name).expanduser().exists():
+                raise ModelLoadError(f"--{flag} '{name}' does not exist")
+    if cfg.method == "comfusion":
+        if not cfg.class_prompt:
+            raise ValueError("--method comfusion needs --class_prompt (e.g. 'a photo of dog'; each scene is appended)")
+        if not 0 <= cfg.tau_min <= cfg.tau_max:
+            raise ValueError(f"--tau_min and --tau_max must satisfy 0 <= tau_min <= tau_max, "
+                             f"got {cfg.tau_min}, {cfg.tau_max}")
+    if cfg.method == "objectdriven" and cfg.class_prompt:
+        raise ValueError("--method objectdriven writes its class prompts itself ('a photo of {class}' per object): drop "
+                         "--class_prompt and set the class with --initializer_token or in --objects")
+    if cfg.method not in ("textual_inversion", "objectdriven") and cfg.identifier not in cfg.instance_prompt.split():
         warnings.warn(f"--instance_prompt '{cfg.instance_prompt}' does not contain the identifier '{cfg.identifier}': "
                       f"the subject will be bound to the prompt's ordinary words (set --identifier if you use "
                       f"another rare token)", stacklevel=2)
     if looks_like_path(cfg.pretrained_model_name_or_path) and not Path(cfg.pretrained_model_name_or_path).is_dir():
         raise ModelLoadError(f"--pretrained_model_name_or_path folder '{cfg.pretrained_model_name_or_path}' does not exist")
+    if cfg.method == "objectdriven":
+        objects = read_objects(cfg)
+        return Inputs(object_rows(objects), prior_sets(cfg, [], objects), {o.token: o.cls for o in objects},
+                      objects=objects)
     if not cfg.instance_data_dir:
         raise ValueError("--instance_data_dir is required (a folder with 3-5 photos of the subject)")
     paths = list_images(cfg.instance_data_dir, "instance")
     for path in paths:
         load_image(path)
-    return paths
+    scenes = read_scenes(cfg) if cfg.method == "comfusion" else []
+    tokens = {cfg.placeholder_token: cfg.initializer_token} if cfg.method == "textual_inversion" else {}
+    return Inputs([(p, cfg.instance_prompt, ()) for p in paths], prior_sets(cfg, scenes, []), tokens, scenes)
+
+
+def slug(text: str) -> str:
+    """A folder name for a prompt part: 'on a wooden dock' -> 'on-a-wooden-dock'."""
+    return re.sub(r"\W+", "-", text.lower()).strip("-")
+
+
+def read_scenes(cfg: TrainConfig) -> list[str]:
+    """ComFusion's scene phrases: --scenes FILE (one per line, blank lines skipped), or DEFAULT_SCENES."""
+    if cfg.scenes is None:
+        return list(DEFAULT_SCENES)
+    path = Path(cfg.scenes)
+    if not path.is_file():
+        raise ValueError(f"--scenes file '{path}' does not exist")
+    scenes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not scenes:
+        raise ValueError(f"--scenes file '{path}' has no scenes: write one phrase per line, such as 'in a garden'")
+    folders = [slug(s) for s in scenes]
+    clash = next((s for s, f in zip(scenes, folders) if not f or folders.count(f) > 1), None)
+    if clash is not None:
+        raise ValueError(f"--scenes file '{path}': scene '{clash}' is empty or repeats another as a folder name "
+                         f"('{slug(clash)}'): give distinct phrases with letters")
+    return scenes
+
+
+def read_mask(path) -> Image.Image:
+    """A binary object mask as PIL 'L', 255 = object: a pixel is the object when its grey value is >= 128 [ours]."""
+    if not Path(path).is_file():
+        raise ValueError(f"mask '{path}' does not exist")
+    return load_image(path).convert("L").point(lambda v: 255 if v >= 128 else 0)
+
+
+def read_objects(cfg: TrainConfig) -> list[ObjectSpec]:
+    """The object-driven method's objects: the entries of --objects FILE, or the one image of --instance_data_dir
+    with --instance_mask, --initializer_token (the class) and --placeholder_token. Every image and mask is opened
+    and checked here."""
+    if cfg.objects:
+        if cfg.instance_data_dir or cfg.instance_mask:
+            raise ValueError("give --objects FILE, or --instance_data_dir with --instance_mask, not both")
+        path = Path(cfg.objects)
+        if not path.is_file():
+            raise ValueError(f"--objects file '{path}' does not exist")
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--objects file '{path}' is not JSON: {e}") from None
+        keys = {"image", "mask", "class", "token"}
+        well_formed = [isinstance(o, dict) and set(o) == keys and all(isinstance(v, str) for v in o.values())
+                       for o in entries] if isinstance(entries, list) else []
+        if not (well_formed and all(well_formed)):
+            raise ValueError(f"--objects file '{path}' must be a non-empty JSON list of objects with exactly the "
+                             f"string fields {sorted(keys)}")
+        objects = [ObjectSpec((path.parent / o["image"]).resolve(), (path.parent / o["mask"]).resolve(), o["class"],
+                              o["token"]) for o in entries]
+    else:
+        if not cfg.instance_data_dir or not cfg.instance_mask:
+            raise ValueError("--method objectdriven needs --instance_data_dir (one image) with --instance_mask, "
+                             "or --objects FILE")
+        images = list_images(cfg.instance_data_dir, "instance")
+        if len(images) != 1:
+            raise ValueError(f"--method objectdriven learns from one image, but --instance_data_dir "
+                             f"'{cfg.instance_data_dir}' has {len(images)}: keep one, or list objects in --objects FILE")
+        objects = [ObjectSpec(images[0], Path(cfg.instance_mask), cfg.initializer_token, cfg.placeholder_token)]
+    first_use = {}
+    for i, o in enumerate(objects, start=1):
+        if not o.cls.strip():
+            raise ValueError(f"object {i} has an empty class: give its class noun, such as 'dog'")
+        if not o.token or o.token != o.token.strip() or len(o.token.split()) != 1:
+            raise ValueError(f"object {i} has token '{o.token}': a token is one new word, such as '<o{i}>'")
+        if o.token in first_use:
+            raise ValueError(f"objects {first_use[o.token]} and {i} both use the token '{o.token}': give each object "
+                             f"its own token")
+        first_use[o.token] = i
+    for o in objects:
+        image, mask = load_image(o.image), read_mask(o.mask)
+        if mask.size != image.size:
+            raise ValueError(f"mask '{o.mask}' is {mask.width}x{mask.height} but its image '{o.image}' is "
+                             f"{image.width}x{image.height}: the mask must have the image's size")
+        if mask.getbbox() is None:
+            raise ValueError(f"mask '{o.mask}' is empty (no pixel >= 128): white marks the object")
+    return objects
+
+
+def object_rows(objects: list[ObjectSpec]) -> list[tuple[Path, str, tuple[Path, ...]]]:
+    """One training row per distinct image, prompted "a photo of <o1> {class1} and <o2> {class2}" over the objects
+    in it [ours], with their masks (L_os uses their union) [paper: one mask per object; ours: the union]."""
+    by_image = {}
+    for o in objects:
+        by_image.setdefault(o.image, []).append(o)
+    return [(image, "a photo of " + " and ".join(f"{o.token} {o.cls}" for o in objs), tuple(o.mask for o in objs))
+            for image, objs in by_image.items()]
+
+
+def prior_sets(cfg: TrainConfig, scenes: list[str], objects: list[ObjectSpec]) -> list[tuple[str, Path, int]]:
+    """(prompt, folder, count) of each set of frozen-model prior images the method trains on."""
+    if cfg.method == "comfusion":       # the class-scene prior [paper]: one folder per scene
+        return [(f"{cfg.class_prompt} {s}", Path(cfg.class_data_dir) / slug(s), cfg.num_scene_images) for s in scenes]
+    if cfg.method == "objectdriven":    # the class-characterizing prior [paper]: one folder per class
+        classes = dict.fromkeys(o.cls for o in objects)
+        return [(f"a photo of {c}", Path(cfg.class_data_dir) / slug(c), cfg.num_class_images) for c in classes]
+    if cfg.with_prior_preservation:     # DreamBooth's class images
+        return [(cfg.class_prompt, Path(cfg.class_data_dir), cfg.num_class_images)]
+    return []
+
+
+def check_against_model(models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
+    """The checks that need the loaded model, made before any image is generated."""
+    for token in inputs.tokens:
+        if len(models.tokenizer.encode(token)[1:-1]) == 1:
+            raise ValueError(f"token '{token}' is already in the vocabulary: choose a new word, such as '<{token}>'")
+    if cfg.method == "comfusion" and cfg.tau_max >= models.schedule.num_train_timesteps:
+        raise ValueError(f"--tau_max must be below the schedule's {models.schedule.num_train_timesteps} timesteps, "
+                         f"got {cfg.tau_max}")
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -188,57 +411,62 @@ LR_SCHEDULES = {  # multiplier of the base learning rate at optimizer step s (wa
 }
 
 
-def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: int = 1) -> list[Path]:
-    """Prior-preservation images: generated once by the frozen model, reused, topped up to num_class_images.
-    Image i uses seed cfg.seed + i (so a top-up gives the images one run would have) and is made by rank
-    i % world (so N processes share the work)."""
-    folder = Path(cfg.class_data_dir)
+def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: int = 1, prompt: str | None = None,
+                      folder=None, count: int | None = None) -> list[Path]:
+    """Prior images of `prompt` (default --class_prompt) in `folder` (--class_data_dir), `count` of them
+    (--num_class_images): generated once by the frozen model, reused, topped up. DreamBooth's class images,
+    ComFusion's class-scene images, the object-driven class images. Image i uses seed cfg.seed + i (so a top-up
+    gives the images one run would have) and is made by rank i % world (so N processes share the work)."""
+    prompt, count = prompt or cfg.class_prompt, count or cfg.num_class_images
+    folder = Path(folder or cfg.class_data_dir)
     have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
     if world > 1:
         dist.barrier()                          # every rank has counted before any rank writes
-    todo = [i for i in range(len(have), cfg.num_class_images) if i % world == rank]
+    todo = [i for i in range(len(have), count) if i % world == rank]
     if todo:
-        print(f"generating {cfg.num_class_images - len(have)} class images for '{cfg.class_prompt}' into {folder}")
+        print(f"generating {count - len(have)} class images for '{prompt}' into {folder}")
     for i in tqdm(todo, desc="class images", disable=not todo):
-        image = generate(models, [cfg.class_prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps,
+        image = generate(models, [prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps,
                          height=cfg.resolution, width=cfg.resolution, progress=False)[0]
-        save_png(image, folder / f"class_{i:05d}.png", {"prompt": cfg.class_prompt, "seed": cfg.seed + i})
+        save_png(image, folder / f"class_{i:05d}.png", {"prompt": prompt, "seed": cfg.seed + i})
     if world > 1:
         dist.barrier()
-    paths = list_images(folder, "class")[:cfg.num_class_images]
+    paths = list_images(folder, "class")[:count]
     for path in paths:
         load_image(path)
     return paths
 
 
-def setup_trainable(models: SDModels, cfg: TrainConfig) -> list[dict]:
-    """Freeze everything, then unfreeze what the method trains. Returns optimizer parameter groups."""
+def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] | None = None) -> list[dict]:
+    """Freeze everything, then unfreeze what the method trains; add the new `tokens` (token -> words) to the
+    vocabulary. Returns optimizer parameter groups."""
     for m in (models.unet, models.vae, models.text_encoder):
         m.requires_grad_(False)
     lr = cfg.learning_rate or DEFAULT_LR[cfg.method]
     groups = []
-    if cfg.method == "dreambooth":                                     # the whole UNet [paper]
+    if cfg.method in ("dreambooth", "comfusion"):                      # the whole UNet [paper; ComFusion: ours]
         models.unet.requires_grad_(True)
         groups.append({"params": list(models.unet.parameters()), "lr": lr})
         if cfg.train_text_encoder:
             models.text_encoder.requires_grad_(True)
             groups.append({"params": list(models.text_encoder.parameters()), "lr": cfg.text_encoder_lr or lr})
-    elif cfg.method == "dreambooth_lora":                              # LoRA on the attention projections
+    if cfg.method in ("dreambooth_lora", "objectdriven"):              # LoRA on the attention projections
         alpha = cfg.lora_alpha or cfg.rank
         inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha)
         groups.append({"params": lora_params(models.unet), "lr": lr})
         if cfg.train_text_encoder:
             inject_lora(models.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha)
             groups.append({"params": lora_params(models.text_encoder), "lr": cfg.text_encoder_lr or lr})
-    else:                                                              # one new row of the embedding table
-        init = models.tokenizer.encode(cfg.initializer_token)[1:-1]
-        if len(init) != 1:
-            raise ValueError(f"--initializer_token '{cfg.initializer_token}' must be a single CLIP token, it is {len(init)}")
-        table = models.text_encoder.text_model.embeddings.token_embedding.weight
-        add_token(models, cfg.placeholder_token, table[init[0]].detach().clone())
+    if tokens:                                                         # new rows of the embedding table
+        for token, words in tokens.items():
+            init = models.tokenizer.encode(words)[1:-1]
+            if cfg.method == "textual_inversion" and len(init) != 1:
+                raise ValueError(f"--initializer_token '{words}' must be a single CLIP token, it is {len(init)}")
+            table = models.text_encoder.text_model.embeddings.token_embedding.weight
+            add_token(models, token, table[init].mean(0).detach().clone())  # several words: their mean [ours]
         table = models.text_encoder.text_model.embeddings.token_embedding.weight
         table.requires_grad_(True)
-        groups.append({"params": [table], "lr": lr})
+        groups.append({"params": [table], "lr": cfg.token_lr if cfg.method == "objectdriven" else lr})
     return groups
 
 
@@ -250,42 +478,139 @@ def lora_params(model) -> list[torch.nn.Parameter]:
     return params
 
 
-def token_id(models: SDModels, cfg: TrainConfig) -> int:
-    return models.tokenizer.encode(cfg.placeholder_token)[1]
+def token_ids(models: SDModels, tokens) -> list[int]:
+    return [models.tokenizer.encode(t)[1] for t in tokens]
 
 
-def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int) -> None:
+def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, inputs: Inputs) -> None:
     """The method's output, the same for checkpoints and the final folder, so both can be sampled from."""
-    if cfg.method == "dreambooth":
+    files = {}
+    if cfg.method in ("dreambooth", "comfusion"):
         save_models(models, folder)                                    # a complete diffusers model folder
-        files = {}
-    elif cfg.method == "dreambooth_lora":
+    if cfg.method in ("dreambooth_lora", "objectdriven"):
         parts = {"unet": models.unet, **({"text_encoder": models.text_encoder} if cfg.train_text_encoder else {})}
         save_lora(folder / "pytorch_lora_weights.safetensors", parts)
-        files = {"lora": "pytorch_lora_weights.safetensors"}
-    else:
-        row = models.text_encoder.text_model.embeddings.token_embedding.weight[token_id(models, cfg)]
-        embeds = {cfg.placeholder_token: row.detach().float().cpu().clone()}  # diffusers' load_textual_inversion format
+        files["lora"] = "pytorch_lora_weights.safetensors"
+    if inputs.tokens:                                                  # diffusers' load_textual_inversion format
+        table = models.text_encoder.text_model.embeddings.token_embedding.weight
+        ids = token_ids(models, inputs.tokens)
+        embeds = {t: table[i].detach().float().cpu().clone() for t, i in zip(inputs.tokens, ids)}
         atomic_write(folder / "learned_embeds.safetensors", lambda p: save_file(embeds, str(p)))
-        files = {"embeddings": "learned_embeds.safetensors"}
+        files["embeddings"] = "learned_embeds.safetensors"
+    if cfg.method in ("comfusion", "objectdriven"):                    # what the loss was trained against
+        files["loss_encoders"] = {"clip": cfg.clip_model or DEFAULT_CLIP[cfg.method],
+                                  **({"dino": cfg.dino_model} if cfg.method == "comfusion" else {})}
     base = cfg.pretrained_model_name_or_path
     base = str(Path(base).resolve()) if Path(base).is_dir() else base   # a Hub id stays an id
     write_result_info(folder, {"method": cfg.method, "base_model": base,
-                               "instance_prompt": cfg.instance_prompt, "step": step, **files})
+                               "instance_prompt": inputs.instance[0][1], "step": step, **files})
 
 
-def load_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
+def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
     """Put a checkpoint's trained weights back into the (already set up) models, for --resume_from_checkpoint."""
-    if cfg.method == "dreambooth":
+    if cfg.method in ("dreambooth", "comfusion"):
         models.unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
         if cfg.train_text_encoder:
             models.text_encoder.load_state_dict(load_file(folder / "text_encoder" / "model.safetensors"))
-    elif cfg.method == "dreambooth_lora":
+    if cfg.method in ("dreambooth_lora", "objectdriven"):
         load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, "text_encoder": models.text_encoder})
-    else:
-        row = load_file(folder / "learned_embeds.safetensors")[cfg.placeholder_token]
+    if inputs.tokens:
+        rows = load_file(folder / "learned_embeds.safetensors")
         with torch.no_grad():
-            models.text_encoder.text_model.embeddings.token_embedding.weight[token_id(models, cfg)] = row
+            for token, i in zip(inputs.tokens, token_ids(models, inputs.tokens)):
+                models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
+
+
+# ----------------------------------------------------------------------------- ComFusion and object-driven pieces
+
+@dataclass
+class TrainModels(SDModels):
+    """SDModels plus the frozen encoders a loss reads (ComFusion: {"dino": ViTModel, "clip": CLIPModel})."""
+    encoders: dict = field(default_factory=dict)
+
+
+def load_encoders(cfg: TrainConfig, models: SDModels, device, fresh: bool) -> dict:
+    """The frozen image/text encoders of a method, loaded before any image is generated so a bad name fails early:
+    ComFusion's DINO and CLIP (inside its loss), the object-driven CLIP (stage 1 only, so none when resuming)."""
+    encoders = {}
+    if cfg.method == "comfusion":
+        encoders["dino"] = ViTModel.from_pretrained(cfg.dino_model, device=device)
+    if cfg.method == "comfusion" or (cfg.method == "objectdriven" and fresh):
+        encoders["clip"] = CLIPModel.from_pretrained(cfg.clip_model or DEFAULT_CLIP[cfg.method], device=device)
+    if cfg.method == "objectdriven" and fresh:
+        width, sd_width = encoders["clip"].config.text.hidden_size, models.text_encoder.config.hidden_size
+        if width != sd_width:
+            raise ValueError(f"--clip_model '{cfg.clip_model or DEFAULT_CLIP[cfg.method]}' has a {width}-wide text tower "
+                             f"but the SD text encoder is {sd_width}-wide: T projects SD's own text features, so give "
+                             f"the CLIP whose text tower SD uses (openai/clip-vit-large-patch14 for SD 1.x)")
+    for m in encoders.values():
+        m.requires_grad_(False)                                        # frozen: only the UNet learns from them
+    return encoders
+
+
+def comfusion_targets(models: SDModels, encoders: dict, inputs: Inputs, cfg: TrainConfig) -> dict:
+    """ComFusion's fixed fusion-stream data: the instance-scene prompts "a photo of {token} {class} {scene}", the
+    normalised DINO embedding of each instance image (L_v's target) and the normalised CLIP text embedding of each
+    "a photo of {class} {scene}" (L_t's target), computed once."""
+    dino, clip = encoders["dino"], encoders["clip"]
+    images = [load_image(p) for p, _, _ in inputs.instance]
+    tokenizer = CLIPTokenizer.from_pretrained(None)                    # OpenAI CLIP's vocabulary, as eval.py
+    with torch.no_grad():
+        image = dino.features(dino.preprocess(images).to(models.device))
+        ids = tokenizer([f"{cfg.class_prompt} {s}" for s in inputs.scenes]).to(models.device)
+        text = clip.get_text_features(ids)
+    return {"prompts": [f"{cfg.instance_prompt} {s}" for s in inputs.scenes],
+            "image": torch.nn.functional.normalize(image, dim=-1), "text": torch.nn.functional.normalize(text, dim=-1)}
+
+
+def draw_fusion_rows(cfg: TrainConfig, step: int, micro: int, rank: int, fusion: dict, cached_text: dict) -> dict:
+    """This rank's B fusion-stream rows: each a random scene and instance image, from its own generator (kind 2, so
+    its z_T in losses.py is drawn from it too). tau is one per step for all rows (kind 3, row 0), so every rank
+    runs the same DDIM timesteps."""
+    B = cfg.train_batch_size
+    gens = [row_generator(cfg, step, micro, 2, rank * B + j) for j in range(B)]
+    scenes = [int(torch.randint(len(fusion["prompts"]), (1,), generator=g)) for g in gens]
+    images = [int(torch.randint(len(fusion["image"]), (1,), generator=g)) for g in gens]
+    tau = int(torch.randint(cfg.tau_min, cfg.tau_max + 1, (1,), generator=row_generator(cfg, step, micro, 3, 0)))
+    return {"generators": gens, "tau": tau, "uncond": torch.cat([cached_text[""]] * B),
+            "encoder_hidden_states": torch.cat([cached_text[fusion["prompts"][k]] for k in scenes]),
+            "image_target": fusion["image"][images], "text_target": fusion["text"][scenes]}
+
+
+def union_mask(paths) -> Image.Image:
+    """The union of an image's object masks, as an RGB image so `prepare` crops and flips it like the image."""
+    masks = [np.asarray(read_mask(p)) for p in paths]
+    return Image.fromarray(np.maximum.reduce(masks)).convert("RGB")
+
+
+def prototypical_stage(models: SDModels, clip: CLIPModel, objects: list[ObjectSpec], cfg: TrainConfig) -> list[dict]:
+    """Object-driven stage 1, the prototypical embedding [paper, via a review]: for each object separately, only its
+    token's row moves, by Adam on L_pe = 1 - cos(T("a photo of <o>"), g) with
+    g = mean(n(I(x)), n(I(x * m)), n(T("a photo of {class}"))): I the CLIP image tower, T SD's text encoder with the
+    CLIP text projection, x * m the object on a mid-grey background [ours]. Adam, --pe_lr, --pe_steps [ours].
+    Returns the log lines (step 0, one per Adam step)."""
+    device, logs = models.device, []
+    table = models.text_encoder.text_model.embeddings.token_embedding.weight
+    for obj in objects:
+        image = load_image(obj.image)
+        masked = Image.composite(image, Image.new("RGB", image.size, (128, 128, 128)), read_mask(obj.mask))
+        with torch.no_grad():
+            image_features = clip.get_image_features(clip.preprocess([image, masked]).to(device))
+            class_text = clip_text_features(models, clip, models.tokenizer([f"a photo of {obj.cls}"]).to(device))
+        target = prototypical_target(image_features[0], image_features[1], class_text[0])
+        token, = token_ids(models, [obj.token])
+        ids = models.tokenizer([f"a photo of {obj.token}"]).to(device)
+        row = torch.nn.Parameter(table[token].detach().clone())
+        optimizer = torch.optim.Adam([row], lr=cfg.pe_lr)
+        for i in range(cfg.pe_steps):
+            loss = cosine_distance(clip_text_features(models, clip, ids, {token: row}), target[None])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            logs.append({"step": 0, "pe_step": i + 1, "token": obj.token, "loss_pe": loss.item()})
+        with torch.no_grad():
+            table[token] = row
+    return logs
 
 
 # ----------------------------------------------------------------------------- main
@@ -314,7 +639,10 @@ def row_generator(cfg: TrainConfig, step: int, micro: int, kind: int, row: int) 
 
 def train(cfg: TrainConfig) -> SDModels:
     """Run the whole training described by `cfg`; returns the trained models (the files are in output_dir)."""
-    instance_paths = check_config(cfg)
+    if cfg.method == "photoverse":              # adapters pretrained over a face dataset: its own loop
+        import photoverse
+        return photoverse.pretrain(cfg)
+    inputs = check_config(cfg)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
     rank, world, device = setup_distributed(cfg)
@@ -324,14 +652,20 @@ def train(cfg: TrainConfig) -> SDModels:
 
     # 1. models, frozen parts in the mixed-precision dtype (as diffusers' scripts), trainable parts float32
     models = load_models(cfg.pretrained_model_name_or_path, device=device, revision=cfg.revision, variant=cfg.variant)
-    class_paths = make_class_images(models, cfg, rank, world) if cfg.with_prior_preservation else []
-    groups = setup_trainable(models, cfg)
+    check_against_model(models, cfg, inputs)
+    encoders = load_encoders(cfg, models, device, fresh=resume_from is None)
+    class_rows = [(path, prompt) for prompt, folder, count in inputs.priors
+                  for path in make_class_images(models, cfg, rank, world, prompt, folder, count)]
+    groups = setup_trainable(models, cfg, inputs.tokens)
+    pe_logs = []
+    if cfg.method == "objectdriven" and resume_from is None:   # stage 1, once: a checkpoint holds its result
+        pe_logs = prototypical_stage(models, encoders.pop("clip"), inputs.objects, cfg)
     frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[cfg.weight_dtype]
     for m in (models.unet, models.vae, models.text_encoder):
         if not any(p.requires_grad for p in m.parameters()):
             m.to(frozen_dtype)
-    if cfg.method == "dreambooth_lora":
+    if cfg.method in ("dreambooth_lora", "objectdriven"):
         models.unet.to(frozen_dtype)
         lora_params(models.unet)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
@@ -341,13 +675,17 @@ def train(cfg: TrainConfig) -> SDModels:
     if world > 1:                               # DDP averages the gradients of the trained models across ranks
         trained = {name: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
                    for name, m in trained.items()}
-    train_models = dataclasses.replace(models, **trained)
+    parts = {f.name: getattr(models, f.name) for f in dataclasses.fields(models)}
+    train_models = TrainModels(**{**parts, **trained}, encoders=encoders)
 
     # 2. data: images resized once; crops and flips per step. Prompts encoded once unless the text encoder trains.
-    pools = [[(load_image(p), cfg.instance_prompt) for p in instance_paths],
-             [(load_image(p), cfg.class_prompt) for p in class_paths]]
-    text_trains = cfg.train_text_encoder or cfg.method == "textual_inversion"
-    cached_text = {} if text_trains else {p: encode_prompts(models, [p]) for p in {cfg.instance_prompt, cfg.class_prompt} if p}
+    pools = [[(load_image(p), prompt) for p, prompt, _ in inputs.instance],
+             [(load_image(p), prompt) for p, prompt in class_rows]]
+    masks = {id(im): union_mask(paths) for (im, _), (_, _, paths) in zip(pools[0], inputs.instance) if paths}
+    fusion = comfusion_targets(models, encoders, inputs, cfg) if cfg.method == "comfusion" else None
+    prompts = {p for pool in pools for _, p in pool} | ({"", *fusion["prompts"]} if fusion else set())
+    text_trains = cfg.train_text_encoder or bool(inputs.tokens)
+    cached_text = {} if text_trains else {p: encode_prompts(models, [p]) for p in prompts}
     vae_dtype = next(models.vae.parameters()).dtype
     latent_cache = {}
     if cfg.cache_latents:                       # z0 moments of each image (and its mirror), scaled by s
@@ -365,16 +703,17 @@ def train(cfg: TrainConfig) -> SDModels:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: shape(s, cfg.lr_warmup_steps, cfg.max_train_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     trainable = [p for g in groups for p in g["params"]]
-    if cfg.method == "textual_inversion":
-        table = trainable[0]
-        keep = torch.arange(table.shape[0], device=table.device) != token_id(models, cfg)
+    if inputs.tokens:                           # only the new rows of the embedding table may change
+        table = models.text_encoder.text_model.embeddings.token_embedding.weight
+        new_rows = torch.tensor(token_ids(models, inputs.tokens), device=table.device)
+        keep = ~torch.isin(torch.arange(table.shape[0], device=table.device), new_rows)
         original_rows = table.detach().clone()
 
     # 4. resume (every rank reads the checkpoint; the random draws need no state: see row_generator)
     step = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
-        load_result(resume_from, models, cfg)
+        load_result(resume_from, models, cfg, inputs)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -384,27 +723,38 @@ def train(cfg: TrainConfig) -> SDModels:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if log_path.is_file():                  # keep the log of the steps the model state contains
-            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            kept = [line for line in log_path.read_text().splitlines()
+                    if line and resume_from is not None and json.loads(line)["step"] <= step]
             atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
+        with open(log_path, "a") as f:          # the object-driven stage 1 (step 0), one line per Adam step
+            f.writelines(json.dumps(line) + "\n" for line in pe_logs)
 
     def draw_batch(micro: int):
-        """This rank's B instance rows, then B class rows: each row a random image, crop, flip (TI: template)."""
+        """This rank's B instance rows, then B class rows: each row a random image, crop, flip (TI: template),
+        and the object mask cropped and flipped with its image (object-driven). ComFusion: its fusion rows."""
         B = cfg.train_batch_size
         ids = [(kind, rank * B + j) for kind in range(2 if pools[1] else 1) for j in range(B)]
         gens = [row_generator(cfg, step, micro, kind, row) for kind, row in ids]
-        picks, pixels, moments, prompts = [], [], [], []
+        pixels, moments, prompts, mask_rows = [], [], [], []
         for (kind, _), g in zip(ids, gens):
             im, prompt = pools[kind][int(torch.randint(len(pools[kind]), (1,), generator=g))]
             flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
             if cfg.method == "textual_inversion":
                 prompt = TI_TEMPLATES[int(torch.randint(len(TI_TEMPLATES), (1,), generator=g))].format(cfg.placeholder_token)
             prompts.append(prompt)
+            if id(im) in masks:                 # replays the image's crop draws: the same crop of the same size
+                replay = torch.Generator().set_state(g.get_state())
+                mask_rows.append(prepare(masks[id(im)], cfg.resolution, cfg.center_crop, flip, replay)[:1] / 2 + 0.5)
             if latent_cache:
                 moments.append(latent_cache[(id(im), flip)])
             else:
                 pixels.append(prepare(im, cfg.resolution, cfg.center_crop, flip, g))
         batch = {"generators": gens, "n_prior": B if pools[1] else 0}
+        if mask_rows:
+            batch["mask"] = torch.stack(mask_rows).to(device)                  # (B, 1, R, R) in [0, 1]
+        if fusion is not None and step % cfg.fusion_every == 0:
+            batch["fusion"] = draw_fusion_rows(cfg, step, micro, rank, fusion, cached_text)
         if text_trains:
             batch["encoder_hidden_states"] = train_models.text_encoder(models.tokenizer(prompts).to(device))[0]
         else:
@@ -437,7 +787,7 @@ def train(cfg: TrainConfig) -> SDModels:
         scaler.update()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.method == "textual_inversion":                          # only the new row may change
+        if inputs.tokens:                                              # only the new rows may change
             with torch.no_grad():
                 table[keep] = original_rows[keep]
         step += 1
@@ -455,7 +805,7 @@ def train(cfg: TrainConfig) -> SDModels:
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
                      "scaler": scaler.state_dict()}
-            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step), state,
+            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs), state,
                                        cfg.checkpoints_total_limit)
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()
@@ -469,7 +819,7 @@ def train(cfg: TrainConfig) -> SDModels:
     # 6. the final output: the same files as a checkpoint, at the top of the output folder
     if is_main:
         log_file.close()
-        write_result(out, models, cfg, step)
+        write_result(out, models, cfg, step, inputs)
         print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
     if world > 1:
         dist.barrier()

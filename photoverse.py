@@ -1,0 +1,877 @@
+"""PhotoVerse: personalization from one face image, with no fine-tuning per person.
+
+Chen et al. 2023, "PhotoVerse: Tuning-Free Image Customization with Text-to-Image Diffusion Models",
+arXiv 2309.05793; the working specification is ../shared/spec/methods.md section 4, whose [paper] / [ours]
+marks the comments below repeat. Adapters trained once over a dataset of aligned faces map a face to
+
+    - m pseudo-words p_f (text adapters, one per CLIP layer), which replace the placeholder S* in the
+      prompt at the text encoder's input embeddings, and
+    - image tokens f (image adapter), which every UNet cross-attention reads through new projections:
+
+          O = gamma * Attn(Q, K_T, V_T) + sigma * Attn(Q, K_S, V_S),   K_S = W_k^S f,  V_S = W_v^S f
+
+with LoRA on the text branch's W_k, W_v. Training minimises
+
+    L = L_ldm + 0.01 L_face + 0.01 mean|p_f| + 0.001 mean|V_S|,   L_face = 1 - cos(F(x_face), F(x_hat_face))
+
+Where each part comes from: the text and image adapters follow ELITE's `Mapper` and `MapperLocal` (Wei et al.
+2023, arXiv 2302.13848, github.com/csyxwei/ELITE), which the paper builds on; the cross-attention mirrors
+unet.py's `Attention` with two projections added (`to_k_s`, `to_v_s`); LoRA is lora.py's.
+
+This is a different kind of training from train.py's: adapters over a face dataset, not a fine-tune on
+one subject's photos, and its models are more than `SDModels` (a CLIP image tower, the adapters, a face
+encoder). So the loss (`photoverse_loss`, losses.py's one signature) and the pretraining loop live here,
+beside the modules they need; train.py's `--method photoverse` only dispatches to `pretrain`.
+
+Checkpoint contract: the base UNet keeps its key names (`...attn2.to_k.weight` still loads strict=True);
+the trained parts are one safetensors file, `photoverse.safetensors`, holding only `adapters.*` and
+`unet.{...}.attn2.to_k.lora_A.weight` / `lora_B` / `to_v...` / `to_k_s.weight` / `to_v_s.weight`, with the
+PhotoVerse config and the base model's identity (widths, UNet config hash, CLIP vision config) in its metadata.
+
+Shapes: b batch, m pseudo-words, p image patches, d_v CLIP vision width, d text width, n = 77 tokens;
+CLIP states (b, 1 + p, d_v), words (b, m, d), image tokens f (b, p, d_ctx), prompt embeddings (b, n, d).
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import checkpoint
+from attention import attention
+from data import IMAGE_SUFFIXES, list_images, load_image, prepare
+from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json
+from image_encoders import CLIPConfig, CLIPModel, IResNet, ViTModel
+from lora import inject_lora
+from losses import draw_noise, draw_timesteps, latents_of
+from sample import (DEFAULT_MODEL, DTYPES, SDModels, check_settings, default_device, encode_prompts, guided,
+                    initial_latents, load_models, make_grid, read_prompts, save_png, to_pil, write_result_info)
+from schedulers import SAMPLERS
+from train import HALF, LR_SCHEDULES, METHOD_OPTIONS, TrainConfig, row_generator
+from unet import Attention
+
+PLACEHOLDER = "S*"                  # the word a prompt names the person with
+TRAIN_PROMPT = "a photo of S*"      # [paper]: the training caption, and the one L_face's estimate is made under
+CHECKPOINT_NAME = "photoverse.safetensors"
+CLIP_MODEL = "openai/clip-vit-large-patch14"    # the image encoder [paper]: the CLIP whose text tower SD1 uses
+LEARNING_RATE = 1e-4                            # [paper]
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def mapping(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
+    """Two MLP layers of width `hidden` (1024 [paper]) with LayerNorm and leaky ReLU, then a projection to d_out:
+    ELITE's mapping network, layer for layer."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.LayerNorm(hidden), nn.LeakyReLU(),
+                         nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.LeakyReLU(),
+                         nn.Linear(hidden, d_out))
+
+
+class TextAdapter(nn.Module):
+    """One pseudo-word per CLIP layer [paper]: p_i = mapping_i(CLS_i) + mean_patches mapping_patch_i(patch_i).
+
+    The paper's "two blocks" are read as ELITE's pair, one block for the CLS token and one for the patch
+    tokens, averaged over patches [ours, following ELITE's `Mapper`]."""
+
+    def __init__(self, layers: int, d_vision: int, d_text: int, hidden: int):
+        super().__init__()
+        self.mapping = nn.ModuleList(mapping(d_vision, d_text, hidden) for _ in range(layers))
+        self.mapping_patch = nn.ModuleList(mapping(d_vision, d_text, hidden) for _ in range(layers))
+
+    def forward(self, states: list[torch.Tensor]) -> torch.Tensor:
+        words = [cls_map(s[:, 0]) + patch_map(s[:, 1:]).mean(dim=1)
+                 for s, cls_map, patch_map in zip(states, self.mapping, self.mapping_patch)]
+        return torch.stack(words, dim=1)                                   # (b, m, d)
+
+
+class ImageAdapter(nn.Module):
+    """Image tokens f [paper: same structure as the text adapter]: one token per patch,
+    f_j = mean over layers i of (mapping_i(CLS_i) + mapping_patch_i(patch_ij)) [ours, ELITE's `MapperLocal`]."""
+
+    def __init__(self, layers: int, d_vision: int, d_context: int, hidden: int):
+        super().__init__()
+        self.mapping = nn.ModuleList(mapping(d_vision, d_context, hidden) for _ in range(layers))
+        self.mapping_patch = nn.ModuleList(mapping(d_vision, d_context, hidden) for _ in range(layers))
+
+    def forward(self, states: list[torch.Tensor]) -> torch.Tensor:
+        tokens = [cls_map(s[:, :1]) + patch_map(s[:, 1:])               # the CLS term broadcasts over patches
+                  for s, cls_map, patch_map in zip(states, self.mapping, self.mapping_patch)]
+        return torch.stack(tokens).mean(dim=0)                             # (b, p, d_ctx)
+
+
+class Adapters(nn.Module):
+    """Both adapters: the chosen CLIP layers' states -> (pseudo-words (b, m, d), image tokens (b, p, d_ctx))."""
+
+    def __init__(self, layers: int, d_vision: int, d_text: int, d_context: int, hidden: int):
+        super().__init__()
+        self.text = TextAdapter(layers, d_vision, d_text, hidden)
+        self.image = ImageAdapter(layers, d_vision, d_context, hidden)
+
+    def forward(self, states):
+        return self.text(states), self.image(states)
+
+# ----------------------------------------------------------------------------- dual-branch cross-attention
+
+
+def per_row(w, x: torch.Tensor):
+    """A fusion weight as a number, or a (b,) tensor of one weight per row, shaped to scale (b, n, c)."""
+    return w if isinstance(w, (int, float)) else w.to(x.device, x.dtype).view(-1, 1, 1)
+
+
+class DualAttention(Attention):
+    """unet.Attention's cross-attention with an image branch [paper]:
+    O = gamma * Attn(Q, K_T, V_T) + sigma * Attn(Q, K_S, V_S), through the one `attention` function.
+
+    It holds the base projections themselves under their names (to_q, to_k, to_v, to_out), so the base
+    weights load strict=True and LoRA can replace `to_k` / `to_v`. The image tokens f and the weights
+    gamma, sigma are set before a UNet forward by `set_image_condition`; they stay set (so gradient
+    checkpointing recomputes the same forward) until the next call."""
+
+    def __init__(self, base: Attention):
+        nn.Module.__init__(self)                                           # the base modules, not new ones
+        self.heads, self.upcast = base.heads, base.upcast
+        self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out
+        # W_k^S, W_v^S initialised from the text W_k, W_v [ours]; float32, as every trained weight
+        self.to_k_s, self.to_v_s = (nn.Linear(lin.weight.shape[1], lin.weight.shape[0], bias=False,
+                                              device=lin.weight.device) for lin in (base.to_k, base.to_v))
+        with torch.no_grad():
+            self.to_k_s.weight.copy_(base.to_k.weight)
+            self.to_v_s.weight.copy_(base.to_v.weight)
+        self.image_tokens, self.gamma, self.sigma = None, 1.0, 1.0
+
+    def forward(self, x, context=None):
+        if self.image_tokens is None:
+            raise RuntimeError("PhotoVerse cross-attention without image tokens: call set_image_condition first")
+        f = self.image_tokens
+        q = self.to_q(x)
+        text = attention(q, self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        image = attention(q, self.to_k_s(f), self.to_v_s(f), self.heads, upcast=self.upcast)
+        return self.to_out(per_row(self.gamma, text) * text + per_row(self.sigma, image) * image)
+
+
+def add_image_branch(unet: nn.Module) -> list[str]:
+    """Replace every cross-attention (`attn2`) by a DualAttention around it; returns their names."""
+    names = [name for name, m in unet.named_modules() if name.endswith("attn2") and type(m) is Attention]
+    if not names:
+        raise ValueError("add_image_branch: the UNet has no plain `attn2` cross-attention (already added?)")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent), child, DualAttention(unet.get_submodule(name)))
+    return names
+
+
+def dual_layers(unet: nn.Module) -> list[DualAttention]:
+    return [m for m in unet.modules() if isinstance(m, DualAttention)]
+
+
+def set_image_condition(unet: nn.Module, tokens: torch.Tensor, gamma=1.0, sigma=1.0) -> None:
+    """Give every cross-attention the image tokens f (b, p, d_ctx) and the fusion weights (numbers, or (b,)
+    tensors with one weight per row) for the next UNet forward."""
+    layers = dual_layers(unet)
+    if not layers:
+        raise ValueError("the UNet has no image branch: call add_image_branch first")
+    for m in layers:
+        m.image_tokens, m.gamma, m.sigma = tokens, gamma, sigma
+
+
+def draw_fusion(generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Random fusion [paper], one draw per training forward: u ~ U(0, 1); u < 1/3 -> (gamma, sigma) = (2, 0),
+    text branch only; u > 2/3 -> (0, 2), image branch only; otherwise (1, 1), both."""
+    u = float(torch.rand(1, generator=generator))
+    if u < 1 / 3:
+        return 2.0, 0.0
+    if u > 2 / 3:
+        return 0.0, 2.0
+    return 1.0, 1.0
+
+# ----------------------------------------------------------------------------- the placeholder S*
+
+
+def add_placeholder(tokenizer) -> int:
+    """Make S* one token (CLIP's BPE splits it in two), so a prompt marks one position; returns its id. The
+    id is past the text encoder's embedding table: its row is never looked up, the pseudo-words replace it."""
+    return tokenizer.vocab[PLACEHOLDER] if PLACEHOLDER in tokenizer.vocab else tokenizer.add_token(PLACEHOLDER)
+
+
+def check_prompts(prompts: list[str], negatives: list[str] = ()) -> None:
+    for p in prompts:
+        if p.count(PLACEHOLDER) != 1:
+            raise ValueError(f"a PhotoVerse prompt names the person with {PLACEHOLDER} exactly once, e.g. "
+                             f"'a photo of {PLACEHOLDER} as a chef'; got {p.count(PLACEHOLDER)} in '{p}'")
+    for p in negatives:
+        if PLACEHOLDER in p:
+            raise ValueError(f"the negative prompt '{p}' must not contain {PLACEHOLDER}")
+
+
+def expand_placeholder(ids: list[int], placeholder: int, m: int, eos: int, pad: int, length: int = 77):
+    """[BOS, ..., S*, ..., EOS] -> S* repeated m times, the rest shifted right, cut to `length` with EOS kept
+    last (as the tokenizer cuts), padded. Returns (ids, position of the first pseudo-word)."""
+    p = ids.index(placeholder)
+    ids = ids[:p] + [placeholder] * m + ids[p + 1:]
+    if len(ids) > length:
+        if p + m > length - 1:
+            raise ValueError(f"{PLACEHOLDER} falls past CLIP's {length} tokens once its {m} pseudo-words are in: "
+                             f"shorten the prompt before {PLACEHOLDER}")
+        ids = ids[:length - 1] + [eos]
+    return ids + [pad] * (length - len(ids)), p
+
+
+def embed_prompts(tokenizer, text_encoder, prompts: list[str], words: torch.Tensor):
+    """Prompts with one S* each and words (b, m, d) -> (input_ids (b, n), inputs_embeds (b, n, d)): the token
+    embeddings with S*'s row replaced by the m pseudo-words [paper]. The ids keep the placeholder id at the
+    word positions; the text encoder reads them only to find the (shifted) EOS it pools at."""
+    check_prompts(prompts)
+    placeholder = add_placeholder(tokenizer)
+    table = text_encoder.text_model.embeddings.token_embedding
+    device = table.weight.device
+    all_ids, all_embeds = [], []
+    for prompt, w in zip(prompts, words):
+        ids, p = expand_placeholder(tokenizer.encode(prompt), placeholder, w.shape[0], tokenizer.eos_token_id,
+                                    tokenizer.pad_token_id, tokenizer.max_length)
+        ids = torch.tensor(ids, device=device)
+        rows = table(ids.masked_fill(ids == placeholder, tokenizer.pad_token_id))  # any valid id: replaced below
+        all_ids.append(ids)
+        all_embeds.append(torch.cat([rows[:p], w.to(rows.dtype), rows[p + w.shape[0]:]]))
+    return torch.stack(all_ids), torch.stack(all_embeds)
+
+
+def encode_with_words(tokenizer, text_encoder, prompts: list[str], words: torch.Tensor) -> torch.Tensor:
+    """c for prompts with S*: the text encoder's last hidden state (b, 77, d) on the injected embeddings."""
+    ids, embeds = embed_prompts(tokenizer, text_encoder, prompts, words)
+    return text_encoder(ids, inputs_embeds=embeds)[0]
+
+# ----------------------------------------------------------------------------- the models
+
+
+@dataclass(frozen=True)
+class PhotoVerseConfig:
+    """What rebuilds the trained parts; stored in the checkpoint."""
+    vision_layers: tuple[int, ...] = (-1, 4, 8, 12, 16)  # CLIP hidden states [ours, ELITE's layers and order]
+    adapter_dim: int = 1024                              # adapter width [paper]
+    rank: int = 4                                        # LoRA rank [ours]
+    lora_alpha: float = 1.0                              # LoRA alpha [paper]
+    resolution: int = 512                                # of training images; inference prepares a face alike
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PhotoVerseConfig":
+        return cls(**{**d, "vision_layers": tuple(d["vision_layers"])})
+
+
+@dataclass
+class IdentityEncoder:
+    """F in L_face: (b, 3, H, W) in [-1, 1] -> (b, e) identity embeddings. An ArcFace IResNet when a checkpoint
+    is given, otherwise DINO [ours]; `name` says which, for logs and reports."""
+    model: object              # the network, kept frozen and in eval mode
+    transform: object          # differentiable preprocessing of a [-1, 1] tensor (Preprocess.tensor)
+    name: str
+
+    def __call__(self, x):
+        pixels = self.transform(x.float())              # antialiased resizing has no half-precision CPU kernel
+        if isinstance(self.model, nn.Module):
+            pixels = pixels.to(next(self.model.parameters()).dtype)
+        return (self.model.features if isinstance(self.model, ViTModel) else self.model)(pixels)
+
+
+@dataclass
+class PhotoVerseModels(SDModels):
+    """SD's parts plus the frozen CLIP image tower, the adapters, and (training only) the face encoder."""
+    vision: CLIPModel
+    adapters: Adapters
+    config: PhotoVerseConfig
+    identity: IdentityEncoder | None = None
+
+
+def is_trained(name: str) -> bool:
+    """UNet parameters PhotoVerse trains: LoRA on the text branch, and W_k^S, W_v^S [paper]."""
+    return ".lora_" in name or name.endswith((".to_k_s.weight", ".to_v_s.weight"))
+
+
+def check_layers(layers, n: int) -> tuple[int, ...]:
+    """Hidden-state indices of a CLIP image tower with n layers (0 = its input, n or -1 = the last output)."""
+    bad = [i for i in layers if not -n - 1 <= i <= n]
+    if bad or not layers or len(set(i % (n + 1) for i in layers)) != len(layers):
+        raise ValueError(f"--vision_layers {','.join(map(str, layers))}: give distinct CLIP hidden-state indices in "
+                         f"[{-n - 1}, {n}] (the image tower has {n} layers; -1 is the last)")
+    return tuple(layers)
+
+
+def attach(sd: SDModels, vision: CLIPModel, config: PhotoVerseConfig, identity: IdentityEncoder | None = None):
+    """Freeze every pretrained part, then add the trained ones [paper]: the adapters, the image branch
+    (W_k^S, W_v^S) in every cross-attention, LoRA on the text branch's to_k / to_v. Returns PhotoVerseModels."""
+    check_layers(config.vision_layers, vision.config.vision.num_hidden_layers)
+    frozen = [sd.unet, sd.vae, sd.text_encoder, vision] + ([identity.model] if identity else [])
+    for m in frozen:
+        m.requires_grad_(False).eval()                                     # eval: no BatchNorm statistics move
+    add_placeholder(sd.tokenizer)
+    add_image_branch(sd.unet)
+    inject_lora(sd.unet, ("to_k", "to_v"), rank=config.rank, alpha=config.lora_alpha, filter=lambda n: ".attn2." in n)
+    adapters = Adapters(len(config.vision_layers), vision.config.vision.hidden_size, sd.text_encoder.config.hidden_size,
+                        sd.unet.config.cross_attention_dim, config.adapter_dim).to(sd.device)
+    models = PhotoVerseModels(**vars(sd), vision=vision, adapters=adapters, config=config, identity=identity)
+    for p in trainable_parameters(models):
+        p.requires_grad_(True)
+    return models
+
+
+def trainable_parameters(models: PhotoVerseModels) -> list[nn.Parameter]:
+    return list(models.adapters.parameters()) + [p for n, p in models.unet.named_parameters() if is_trained(n)]
+
+
+def image_states(models: PhotoVerseModels, x: torch.Tensor) -> list[torch.Tensor]:
+    """Images (b, 3, H, W) in [-1, 1] -> the chosen CLIP layers' token states, each (b, 1 + p, d_v), in the
+    adapters' dtype; the tower is frozen."""
+    vision, dtype = models.vision, next(models.adapters.parameters()).dtype
+    with torch.no_grad():
+        pixels = vision.preprocess.tensor(x.float()).to(next(vision.parameters()).dtype)
+        return [s.to(dtype) for s in vision.vision_hidden_states(pixels, list(models.config.vision_layers))]
+
+# ----------------------------------------------------------------------------- checkpoint: the trained parts only
+
+
+def base_identity(sd: SDModels, vision: CLIPModel) -> dict:
+    """What an adapter checkpoint must match: the widths it maps into, the UNet it adds layers to, the CLIP
+    tower it reads. Weights are not hashed: a fine-tune of the same base (same configs) fits."""
+    unet_config = json.dumps(sd.unet.config.to_json(), sort_keys=True)
+    return {"text_hidden_size": sd.text_encoder.config.hidden_size,
+            "cross_attention_dim": sd.unet.config.cross_attention_dim,
+            "unet_config_sha256": hashlib.sha256(unet_config.encode()).hexdigest(),
+            "clip_vision": asdict(vision.config.vision)}
+
+
+def trained_state(models: PhotoVerseModels) -> dict[str, torch.Tensor]:
+    state = {f"adapters.{k}": v for k, v in models.adapters.state_dict().items()}
+    return state | {f"unet.{n}": p for n, p in models.unet.named_parameters() if is_trained(n)}
+
+
+def save_adapter(path, models: PhotoVerseModels, info: dict) -> Path:
+    """Write the trained parts and, in the metadata, the config, the base identity and `info` (base model,
+    CLIP model, face loss, step)."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in trained_state(models).items()}
+    meta = {"config": asdict(models.config), "base": base_identity(models, models.vision), **info}
+    path = Path(path)
+    metadata = {"format": "pt", "photoverse": json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return path
+
+
+def adapter_file(path) -> Path:
+    path = Path(path).expanduser()
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def read_adapter_meta(path) -> dict:
+    """The metadata of a PhotoVerse checkpoint (a file, or a train.py output or checkpoint folder); no tensors read."""
+    file = adapter_file(path)
+    if not file.is_file():
+        raise ValueError(f"--adapter '{path}' does not exist: pass photoverse.safetensors or the folder train.py "
+                         f"--method photoverse wrote")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = (f.metadata() or {}).get("photoverse")
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot read adapter checkpoint '{file}': {e}") from None
+    if meta is None:
+        raise ValueError(f"'{file}' is not a PhotoVerse adapter checkpoint (no 'photoverse' metadata)")
+    return json.loads(meta)
+
+
+def check_base(meta: dict, sd: SDModels, vision: CLIPModel, path) -> None:
+    """One clear line when the checkpoint was built for another base model or another CLIP tower."""
+    have = base_identity(sd, vision)
+    for key, want in meta["base"].items():
+        if have.get(key) != want:
+            raise ValueError(f"adapter '{path}' was built for another base model: {key} is {want} there, "
+                             f"{have.get(key)} here; use the base it was trained on ('{meta.get('base_model')}', CLIP "
+                             f"'{meta.get('clip_model')}')")
+
+
+@torch.no_grad()
+def load_trained_parts(models: PhotoVerseModels, path) -> None:
+    """Copy a checkpoint's tensors into the attached parts; the key sets must be equal."""
+    file = adapter_file(path)
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    own = trained_state(models)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"adapter '{file}' does not fit these models: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, target in own.items():
+        if target.shape != tensors[name].shape:
+            raise ValueError(f"adapter '{file}': {name} has shape {tuple(tensors[name].shape)}, "
+                             f"expected {tuple(target.shape)}")
+        target.copy_(tensors[name])
+
+
+def load_photoverse(adapter, model: str | None = None, dtype=torch.float32, device="cpu") -> PhotoVerseModels:
+    """Inference models from an adapter checkpoint: its base SD model (or `model`), its CLIP tower, the parts."""
+    meta = read_adapter_meta(adapter)
+    sd = load_models(model or meta["base_model"], dtype=dtype, device=device)
+    vision = CLIPModel.from_pretrained(meta["clip_model"], dtype=dtype, device=device)
+    check_base(meta, sd, vision, adapter)
+    models = attach(sd, vision, PhotoVerseConfig.from_json(meta["config"]))
+    load_trained_parts(models, adapter)
+    models.unet.to(dtype)                       # the trained parts in the inference dtype too
+    models.adapters.to(dtype)
+    return models
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def face_regions(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(b, 3, H, W) images, (b, 1, H, W) face masks in [0, 1] -> the face of each: the image times its mask,
+    cropped to the mask's bounding box and resized back to H x W [ours]. An all-ones mask (the default: an
+    aligned face is the whole image [ours]) returns the image unchanged."""
+    out = []
+    for xi, mi in zip(x, masks):
+        rows, cols = torch.nonzero(mi[0] > 0.5, as_tuple=True)
+        crop = (xi * mi.to(xi.dtype))[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        if crop.shape[-2:] != xi.shape[-2:]:
+            crop = F.interpolate(crop[None], size=xi.shape[-2:], mode="bilinear", align_corners=False)[0]
+        out.append(crop)
+    return torch.stack(out)
+
+
+def face_loss(identity: IdentityEncoder, x: torch.Tensor, x_hat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per row, 1 - cos(F(x_face), F(x_hat_face)) [paper]; the real image's embedding is a constant."""
+    with torch.no_grad():
+        real = identity(face_regions(x, masks))
+    return 1 - F.cosine_similarity(identity(face_regions(x_hat, masks)).float(), real.float(), dim=-1)
+
+
+def word_regulariser(words: torch.Tensor) -> torch.Tensor:
+    """mean |p_f| [paper] over the pseudo-words (b, m, d)."""
+    return words.float().abs().mean()
+
+
+def value_regulariser(unet: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """mean |V_S| [paper], V_S = W_v^S f in every cross-attention, averaged over them [ours]."""
+    return torch.stack([m.to_v_s(tokens).float().abs().mean() for m in dual_layers(unet)]).mean()
+
+
+def photoverse_loss(batch, models: PhotoVerseModels, cfg):
+    """PhotoVerse's objective (Chen et al. 2023, arXiv 2309.05793; methods.md section 4), in losses.py's signature:
+
+        L = L_ldm + lambda_face L_face + lambda_p mean|p_f| + lambda_v mean|V_S|
+
+    with (lambda_face, lambda_p, lambda_v) = (0.01, 0.01, 0.001) [paper] (cfg.face_loss_weight, word_reg_weight,
+    value_reg_weight). It lives in photoverse.py, not losses.py: its models are PhotoVerseModels (CLIP image
+    tower, adapters, face encoder), built and trained by this file's own loop.
+
+    batch: pixel_values (b, 3, R, R) in [-1, 1] (the face is both the reference and the target [ours]), masks
+    (b, 1, R, R) face regions, generators (one per row: timestep, noise, latent sample), fusion_generator.
+      1. random fusion [paper]: (gamma, sigma) drawn once for this forward
+      2. the face through the frozen CLIP tower -> pseudo-words p_f (b, m, d) and image tokens f
+      3. c = text_encoder("a photo of S*" with S* -> the m pseudo-words) [paper]
+      4. L_ldm = || target - unet(z_t, t, c; f, gamma, sigma) ||^2 [paper]
+      5. L_face on the one-step estimate x_hat = D(z0_hat / s) [paper], only for rows with t < 600 [ours],
+         averaged over the whole batch (a skipped row counts 0) [ours]
+      6. the two L1 regularisers [paper]
+    """
+    x, masks, gens = batch["pixel_values"], batch["masks"], batch["generators"]
+    b, schedule = x.shape[0], models.schedule
+    gamma, sigma = draw_fusion(batch["fusion_generator"])                                   # 1.
+    words, tokens = models.adapters(image_states(models, x))                                 # 2.
+    context = encode_with_words(models.tokenizer, models.text_encoder, [TRAIN_PROMPT] * b, words)  # 3.
+    z0 = latents_of(batch, models)                                                           # 4.
+    t = draw_timesteps(gens, schedule, z0.device)
+    noise = draw_noise(z0, gens, cfg.noise_offset)
+    z_t = schedule.add_noise(z0, noise, t)
+    set_image_condition(models.unet, tokens, gamma, sigma)
+    pred = models.unet(z_t, t, context)
+    loss_ldm = F.mse_loss(pred.float(), schedule.target(z0, noise, t).float())
+    keep = t < cfg.face_loss_max_timestep                                                    # 5.
+    loss_face = torch.zeros((), device=x.device)
+    if cfg.face_loss_weight > 0 and keep.any():
+        z0_hat = schedule.pred_x0(z_t[keep], pred[keep], t[keep])
+        x_hat = models.vae.decode(z0_hat / models.vae.config.scaling_factor)
+        loss_face = face_loss(models.identity, x[keep], x_hat, masks[keep]).sum() / b
+    loss_words = word_regulariser(words)                                                     # 6.
+    loss_values = value_regulariser(models.unet, tokens)
+    loss = (loss_ldm + cfg.face_loss_weight * loss_face + cfg.word_reg_weight * loss_words
+            + cfg.value_reg_weight * loss_values)
+    logs = {"loss": loss.item(), "loss_ldm": loss_ldm.item(), "loss_face": loss_face.item(),
+            "loss_words": loss_words.item(), "loss_values": loss_values.item(), "gamma": gamma, "sigma": sigma}
+    return loss, logs
+
+# ----------------------------------------------------------------------------- data: a folder of aligned faces
+
+
+def verified_size(path, what: str = "face image") -> tuple[int, int]:
+    """Open a file's header and check its data (PIL's verify) without decoding it: unreadable files fail now."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read {what} '{path}': {e}") from None
+    return size
+
+
+class FaceFolder:
+    """Aligned face images (FFHQ, CelebA-HQ, FairFace, ...) for pretraining. Optional face regions for L_face:
+    `masks/NAME.png` (any image suffix, the image's size, white = face) or `boxes.json`
+    ({"NAME.jpg": [left, top, right, bottom]} in pixels). An image with neither uses the whole image [ours].
+    Every file is checked when the folder is opened; images are decoded one batch at a time."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.paths = list_images(self.folder, "instance")
+        sizes = {p.name: verified_size(p) for p in self.paths}
+        self.boxes, self.masks = {}, {}
+        box_file = self.folder / "boxes.json"
+        if box_file.is_file():
+            try:
+                boxes = json.loads(box_file.read_text())
+            except ValueError as e:
+                raise ValueError(f"cannot read '{box_file}': {e}") from None
+            if not isinstance(boxes, dict):
+                raise ValueError(f"'{box_file}' must be a JSON object {{image name: [left, top, right, bottom]}}")
+            for name, box in boxes.items():
+                if name not in sizes:
+                    raise ValueError(f"'{box_file}' must map image names of the folder to boxes; '{name}' is not one")
+                w, h = sizes[name]
+                numbers = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                if not (numbers and 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
+                    raise ValueError(f"'{box_file}': the box of '{name}' must be [left, top, right, bottom] inside its "
+                                     f"{w}x{h} pixels, got {box}")
+                self.boxes[name] = box
+        mask_dir = self.folder / "masks"
+        if mask_dir.is_dir():
+            by_stem = {m.stem: m for m in sorted(mask_dir.iterdir()) if m.suffix.lower() in IMAGE_SUFFIXES}
+            for p in self.paths:
+                mask = by_stem.get(p.stem)
+                if mask is None:
+                    continue
+                if p.name in self.boxes:
+                    raise ValueError(f"'{p.name}' has both a mask and a box: keep one")
+                size = verified_size(mask, "face mask")
+                if size != sizes[p.name]:
+                    raise ValueError(f"mask '{mask}' is {size[0]}x{size[1]}, its image {sizes[p.name][0]}x"
+                                     f"{sizes[p.name][1]}: a mask must have its image's size")
+                self.masks[p.name] = mask
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i: int, resolution: int, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image i as (3, R, R) in [-1, 1] and its face mask (1, R, R) in [0, 1], cropped and flipped alike."""
+        path = self.paths[i]
+        image = load_image(path)
+        x = prepare(image, resolution, center_crop=True, flip=flip)        # aligned faces: center crop [ours]
+        if path.name in self.masks:
+            mask = load_image(self.masks[path.name])
+        elif path.name in self.boxes:
+            mask = Image.new("RGB", image.size)
+            left, top, right, bottom = self.boxes[path.name]
+            ImageDraw.Draw(mask).rectangle((left, top, right - 1, bottom - 1), fill=(255, 255, 255))
+        else:
+            return x, torch.ones(1, resolution, resolution)
+        if mask.size != image.size:
+            raise ValueError(f"the face region of '{path}' is {mask.size}, the image {image.size}")
+        m = (prepare(mask, resolution, center_crop=True, flip=flip).mean(dim=0, keepdim=True) + 1) / 2
+        if not (m > 0.5).any():
+            raise ValueError(f"the face region of '{path}' is empty after cropping to {resolution} px")
+        return x, m
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """'last,4,8,12,16' -> (-1, 4, 8, 12, 16): CLIP hidden-state indices, `last` (or -1) the last layer's output."""
+    try:
+        return tuple(-1 if s.strip() == "last" else int(s) for s in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--vision_layers must be comma-separated layer numbers or 'last', such as last,4,8,12,16; "
+                         f"got '{text}'") from None
+
+
+def photoverse_config(cfg) -> PhotoVerseConfig:
+    """The architecture part of the training config; LoRA alpha defaults to 1 [paper] (train.py's methods use rank)."""
+    return PhotoVerseConfig(vision_layers=parse_layers(cfg.vision_layers), adapter_dim=cfg.adapter_dim, rank=cfg.rank,
+                            lora_alpha=1.0 if cfg.lora_alpha is None else cfg.lora_alpha, resolution=cfg.resolution)
+
+
+def check_pretrain_config(cfg) -> FaceFolder:
+    """Every mistake visible before a model loads, one line each; opens (and checks) the face folder."""
+    defaults = TrainConfig()
+    for method, names in METHOD_OPTIONS.items():         # as train.check_config: another method's option is an error
+        for name in names:
+            if name not in METHOD_OPTIONS["photoverse"] and getattr(cfg, name) != getattr(defaults, name):
+                raise ValueError(f"--{name} is an option of --method {method}, not of photoverse")
+    if cfg.resolution % 8 or cfg.resolution <= 0:
+        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
+                         f"got {cfg.resolution}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got '{cfg.mixed_precision}'")
+    if cfg.weight_dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise ValueError(f"--weight_dtype must be auto, float32, float16 or bfloat16, got '{cfg.weight_dtype}'")
+    if cfg.lr_scheduler not in LR_SCHEDULES:
+        raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "validation_steps", "rank", "adapter_dim"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("face_loss_weight", "word_reg_weight", "value_reg_weight", "face_loss_max_timestep"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for flag in ("with_prior_preservation", "train_text_encoder", "cache_latents", "snr_gamma"):
+        if getattr(cfg, flag):
+            raise ValueError(f"--{flag} does not apply to --method photoverse (its objective is methods.md section 4)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--method photoverse pretrains on one process: run it without torchrun")
+    config = photoverse_config(cfg)
+    if cfg.validation_prompt:
+        check_prompts([cfg.validation_prompt])
+    if cfg.face_encoder and not Path(cfg.face_encoder).expanduser().is_file():
+        raise ModelLoadError(f"--face_encoder '{cfg.face_encoder}' does not exist: pass an arcface_torch IResNet "
+                             f"checkpoint, or leave it out for the DINO fallback")
+    for flag, name in (("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path),
+                       ("clip_model", cfg.clip_model or CLIP_MODEL), ("dino_model", cfg.dino_model)):
+        if looks_like_path(name) and not Path(name).expanduser().exists():
+            raise ModelLoadError(f"--{flag} '{name}' does not exist")
+    if not cfg.instance_data_dir:
+        raise ValueError("--instance_data_dir is required: a folder of aligned face images (FFHQ, CelebA-HQ, ...)")
+    faces = FaceFolder(cfg.instance_data_dir)
+    clip = CLIPConfig.from_json(read_json(component_dir(cfg.clip_model or CLIP_MODEL, None, ["config.json"])
+                                          / "config.json"))
+    check_layers(config.vision_layers, clip.vision.num_hidden_layers)     # only the config is read (or fetched)
+    return faces
+
+
+def load_identity(face_encoder: str | None, dino_model: str, device) -> IdentityEncoder:
+    """F for L_face [ours]: the user's ArcFace IResNet checkpoint, else DINO ViT-S/16 (the fallback every
+    report names)."""
+    if face_encoder:
+        model = IResNet.from_file(face_encoder, device=device)
+        return IdentityEncoder(model, model.preprocess.tensor, f"ArcFace IResNet ({face_encoder})")
+    model = ViTModel.from_pretrained(dino_model, device=device)
+    return IdentityEncoder(model, model.preprocess.tensor, f"DINO fallback ({dino_model}; no --face_encoder given)")
+
+
+def pretrain(cfg) -> PhotoVerseModels:
+    """Pretrain the adapters, LoRA and W^S over a folder of aligned faces (cfg: train.py's TrainConfig).
+
+    The loop is train.py's (AdamW, lr schedule, accumulation, clipping, mixed precision, atomic checkpoints
+    with resume, logs.jsonl, validation images), on one process. Defaults: lr 1e-4 and CLIP ViT-L/14 [paper];
+    the paper's batch 64 and 60k steps are flags (--train_batch_size, --max_train_steps)."""
+    faces = check_pretrain_config(cfg)
+    config = photoverse_config(cfg)
+    out = Path(cfg.output_dir)
+    resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
+    device = torch.device(default_device() if cfg.device == "auto" else cfg.device)
+    half = HALF.get(cfg.mixed_precision)
+    torch.manual_seed(cfg.seed)                 # adapters' and LoRA's initial weights
+
+    # 1. models: frozen parts in the mixed-precision dtype, trained parts float32 (created after the cast)
+    sd = load_models(cfg.pretrained_model_name_or_path, device=device, revision=cfg.revision, variant=cfg.variant)
+    clip_model = cfg.clip_model or CLIP_MODEL
+    vision = CLIPModel.from_pretrained(clip_model, device=device)
+    identity = load_identity(cfg.face_encoder, cfg.dino_model, device) if cfg.face_loss_weight > 0 else None
+    face_report = identity.name if identity else "off (--face_loss_weight 0)"
+    print(f"face loss: {face_report}")
+    frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
+                    "bfloat16": torch.bfloat16}[cfg.weight_dtype]
+    for m in (sd.unet, sd.vae, sd.text_encoder, vision) + ((identity.model,) if identity else ()):
+        m.to(frozen_dtype)
+    models = attach(sd, vision, config, identity)
+    models.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    models.vae.gradient_checkpointing = cfg.gradient_checkpointing   # L_face decodes x_hat with gradients
+    models.unet.train()
+    trainable = trainable_parameters(models)
+
+    # 2. optimizer and learning-rate schedule (AdamW, as train.py)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate or LEARNING_RATE,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                  eps=cfg.adam_epsilon)
+    shape = LR_SCHEDULES[cfg.lr_scheduler]
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                    lambda s: shape(s, cfg.lr_warmup_steps, cfg.max_train_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+
+    # 3. resume
+    step = 0
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        check_base(read_adapter_meta(resume_from), models, vision, resume_from)
+        load_trained_parts(models, resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        print(f"resumed from {resume_from} at step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "logs.jsonl"
+    if log_path.is_file():                      # keep the log of the steps the trained state contains
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+    run_config = {**asdict(cfg), "face_loss": face_report}
+    atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(run_config, indent=2)))
+    base = cfg.pretrained_model_name_or_path
+    info = {"base_model": str(Path(base).resolve()) if Path(base).exists() else base,    # a Hub id stays an id
+            "clip_model": str(Path(clip_model).resolve()) if Path(clip_model).exists() else clip_model,
+            "face_loss": face_report}
+
+    def write_result(folder: Path, step: int) -> None:
+        save_adapter(folder / CHECKPOINT_NAME, models, {**info, "step": step})
+        write_result_info(folder, {"method": "photoverse", "base_model": info["base_model"], "adapter": CHECKPOINT_NAME,
+                                   "face_loss": face_report, "step": step})
+
+    def draw_batch(micro: int) -> dict:
+        """B random faces (each row's draws from its own generator, as train.py) and the fusion draw."""
+        gens = [row_generator(cfg, step, micro, 0, j) for j in range(cfg.train_batch_size)]
+        rows = []
+        for g in gens:
+            i = int(torch.randint(len(faces), (1,), generator=g))
+            rows.append(faces.load(i, cfg.resolution, cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)))
+        return {"pixel_values": torch.stack([x for x, _ in rows]).to(device, frozen_dtype),
+                "masks": torch.stack([m for _, m in rows]).to(device), "generators": gens,
+                "fusion_generator": row_generator(cfg, step, micro, 2, 0)}
+
+    # 4. the loop
+    log_file = open(log_path, "a")
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="photoverse", unit="step")
+    t0 = time.time()
+    while step < cfg.max_train_steps:
+        for micro in range(cfg.gradient_accumulation_steps):
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                loss, logs = photoverse_loss(draw_batch(micro), models, cfg)
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs}
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}")
+        log_file.write(json.dumps(logs) + "\n")
+        log_file.flush()
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
+                     "scaler": scaler.state_dict()}
+            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, step), state, cfg.checkpoints_total_limit)
+        if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
+            models.unet.eval()                  # the first face of the folder, as a user would give one
+            prompts = [cfg.validation_prompt] * cfg.num_validation_images
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                images = generate(models, load_image(faces.paths[0]), prompts, seed=cfg.seed, steps=cfg.sample_steps,
+                                  height=cfg.resolution, width=cfg.resolution, progress=False)
+            save_png(make_grid(images), out / "validation" / f"step-{step:06d}.png",
+                     {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step, "face": faces.paths[0].name})
+            models.unet.train()
+    bar.close()
+    log_file.close()
+
+    # 5. the final output: the same files as a checkpoint, at the top of the output folder
+    write_result(out, step)
+    print(f"pretrained photoverse for {step} steps in {time.time() - t0:.0f}s; adapter in {out / CHECKPOINT_NAME}; "
+          f"face loss: {face_report}")
+    return models
+
+# ----------------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], negative_prompt: str | list[str] = "",
+             num_words: int = 1, gamma: float = 1.0, sigma: float = 1.0, seed: int = 0, steps: int = 50,
+             guidance: float = 7.5, sampler: str = "ddim", eta: float = 0.0, height: int = 512, width: int = 512,
+             latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil"):
+    """One image per prompt of the person in `face`: a single forward of the adapters, then sampling.
+
+    num_words m: the first m pseudo-words (the last CLIP layer's first) replace S*; 1 by default [paper].
+    gamma, sigma: the fusion weights, options at inference (default 1, 1 [paper]). With guidance, the
+    unconditional half has no image branch (gamma 1, sigma 0) [ours, as ELITE and IP-Adapter drop the
+    image condition from the unconditional prediction], so guidance strengthens the face too."""
+    check_settings(height, width, steps, guidance, sampler)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    check_prompts(prompts, negatives)
+    if not 1 <= num_words <= len(models.config.vision_layers):
+        raise ValueError(f"--num_words must be in 1..{len(models.config.vision_layers)} (one per CLIP layer), "
+                         f"got {num_words}")
+    device, dtype, b = models.device, next(models.unet.parameters()).dtype, len(prompts)
+    x = prepare(face, models.config.resolution)[None].to(device)          # as the pretraining prepared faces
+    words, tokens = models.adapters(image_states(models, x))
+    words = words[:, :num_words].expand(b, -1, -1)
+    tokens = tokens.to(dtype).expand(b, -1, -1)
+    cond = encode_with_words(models.tokenizer, models.text_encoder, prompts, words)
+    uncond = encode_prompts(models, negatives) if guidance > 1.0 else None
+    if guidance > 1.0:                          # rows [unconditional, conditional], the order `guided` uses
+        ones = torch.ones(b)
+        set_image_condition(models.unet, torch.cat([tokens, tokens]), torch.cat([ones, gamma * ones]),
+                            torch.cat([0 * ones, sigma * ones]))
+    else:
+        set_image_condition(models.unet, tokens, gamma, sigma)
+    if latents is None:
+        latents = initial_latents(b, height, width, seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
+                           steps, eta=eta, generator=generator, progress=progress)
+    images = models.vae.decode(z0 / models.vae.config.scaling_factor)
+    return to_pil(images) if output == "pil" else images
+
+
+def sample_main(args) -> list[Path]:
+    """`sample.py --method photoverse --adapter CKPT --face IMG --prompt "a photo of S* ..."` (args: sample.py's).
+    The base model is the one recorded in the checkpoint unless --model names another."""
+    # 1. everything that can be checked without loading a model
+    prompts = read_prompts(args)
+    check_prompts(prompts, [args.negative_prompt])
+    check_settings(args.height or 8, args.width or 8, args.steps, args.guidance, args.sampler)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num_images and --batch_size must be at least 1")
+    if not args.adapter or not args.face:
+        raise ValueError("--method photoverse needs --adapter CKPT (photoverse.safetensors or its folder) and "
+                         "--face IMG")
+    if args.lora:
+        raise ValueError("--lora does not apply to --method photoverse: its LoRA is inside the adapter checkpoint")
+    face = load_image(args.face)
+    meta = read_adapter_meta(args.adapter)
+    if not 1 <= args.num_words <= len(meta["config"]["vision_layers"]):
+        raise ValueError(f"--num_words must be in 1..{len(meta['config']['vision_layers'])}, got {args.num_words}")
+    model = args.model if args.model != DEFAULT_MODEL else meta["base_model"]
+    if looks_like_path(model) and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"base model '{model}' (recorded in the adapter) does not exist: pass it with --model")
+    if looks_like_path(meta["clip_model"]) and not Path(meta["clip_model"]).expanduser().exists():
+        raise ModelLoadError(f"the adapter's CLIP model '{meta['clip_model']}' does not exist")
+    device = default_device() if args.device == "auto" else args.device
+    # 2. load once
+    models = load_photoverse(args.adapter, model, dtype=DTYPES[args.dtype], device=device)
+    size = models.unet.config.sample_size * 8
+    height, width = args.height or size, args.width or size
+    check_settings(height, width, args.steps, args.guidance, args.sampler)
+    # 3. one latent per image from one seeded generator, then batches (as sample.main)
+    jobs = [p for p in prompts for _ in range(args.num_images)]
+    latents = initial_latents(len(jobs), height, width, args.seed)
+    out = Path(args.out)
+    paths, images = [], []
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        ims = generate(models, face, batch, args.negative_prompt, num_words=args.num_words, gamma=args.gamma,
+                       sigma=args.sigma, seed=args.seed + start, steps=args.steps, guidance=args.guidance,
+                       sampler=args.sampler, eta=args.eta, height=height, width=width,
+                       latents=latents[start:start + len(batch)])
+        for i, (prompt, im) in enumerate(zip(batch, ims), start=start):
+            meta_png = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=i,
+                            steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
+                            model=str(model), method="photoverse", adapter=str(args.adapter), face=str(args.face),
+                            gamma=args.gamma, sigma=args.sigma, num_words=args.num_words)
+            path = out / f"{i:04d}.png"
+            save_png(im, path, meta_png)
+            paths.append(path)
+            images.append(im)
+    save_png(make_grid(images, cols=args.num_images if len(prompts) > 1 else None), out / "grid.png",
+             {"prompts": json.dumps(prompts), "seed": args.seed, "face": str(args.face)})
+    print(f"wrote {len(paths)} images and grid.png to {out}")
+    return paths

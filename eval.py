@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 from data import IMAGE_SUFFIXES, load_image
+from face_encoder import IResNet
 from hub import ModelLoadError, atomic_write, looks_like_path
-from image_encoders import CLIPModel, IResNet, ViTModel
+from image_encoders import CLIPModel, ViTModel
 from sample import check_settings, default_device, generate, initial_latents, load_trained, make_grid, save_png
 from text_encoder import CLIPTokenizer
 

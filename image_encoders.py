@@ -1,4 +1,5 @@
-"""Image encoders for evaluation and for identity losses: CLIP (image + text), DINO ViT, ArcFace IResNet.
+"""Image encoders for evaluation and for losses: CLIP (image + text) and DINO ViT (the ArcFace face encoder is
+face_encoder.py).
 
 - `CLIPModel`: CLIP (Radford et al. 2021) with both towers and their projections, mirroring transformers'
   `CLIPModel` (models/clip/modeling_clip.py). The vision tower reuses text_encoder.py's `CLIPEncoder`
@@ -7,24 +8,19 @@
 - `ViTModel`: the ViT of DINO (Caron et al. 2021), mirroring transformers' `ViTModel` (models/vit/
   modeling_vit.py) as it is saved on the Hub. Checkpoint: `facebook/dino-vits16`; the DINO metric is the
   CLS token after the final layernorm, as in DreamBooth's protocol (Ruiz et al. 2023, sec. 4.1).
-- `IResNet`: ArcFace's backbone (Deng et al. 2019; "improved" ResNet of Duta et al. 2020), mirroring
-  insightface's recognition/arcface_torch/backbones/iresnet.py. Optional: no such weights are on the Hub in
-  a standard place, so it loads a checkpoint file the user supplies (`IResNet.from_file`).
 - `Preprocess`: what each metric feeds its encoder (resize the short side, center crop, normalise), on PIL
   images for metrics, and as a differentiable function of a (b, 3, H, W) tensor in [-1, 1] for losses.
 
 Checkpoint contract: module names equal the checkpoint keys (`vision_model.pre_layrnorm.weight` (sic),
 `vision_model.encoder.layers.0.self_attn.q_proj.weight`, `visual_projection.weight`, `logit_scale`;
-`encoder.layer.0.attention.attention.query.weight`, `embeddings.patch_embeddings.projection.weight`;
-`layer3.13.bn2.running_var`, `features.weight`), so weights load with strict=True. Dropped on load: the
-`position_ids` buffers of older CLIP files and ViT's `pooler.*` (unused by DINO, absent from ours).
+`encoder.layer.0.attention.attention.query.weight`, `embeddings.patch_embeddings.projection.weight`), so
+weights load with strict=True. Dropped on load: the `position_ids` buffers of older CLIP files and ViT's
+`pooler.*` (unused by DINO, absent from ours).
 
 Shapes: b batch, p patches, d width; pixels (b, 3, s, s), tokens (b, 1 + p, d), embeddings (b, e).
 """
 import math
-import pickle
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from PIL import Image
-from safetensors.torch import load_file
 
 import hub
 from attention import attention
@@ -101,10 +96,6 @@ def dino_preprocess(size: int = 224) -> Preprocess:
     # DINO's eval_linear.py: Resize(256, bicubic), CenterCrop(224). torchvision rounds the crop offset where
     # we floor it (as transformers), so an odd margin shifts the crop by one pixel
     return Preprocess(size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def face_preprocess(size: int = 112) -> Preprocess:  # arcface_torch's inference.py: (img / 255 - 0.5) / 0.5
-    return Preprocess(size, size, (0.5,) * 3, (0.5,) * 3)
 
 # ----------------------------------------------------------------------------- configs and presets
 
@@ -411,86 +402,3 @@ class ViTModel(nn.Module):
 
     def save_pretrained(self, folder, dtype=None) -> None:
         hub.save_model(self, folder, self.config.to_json(), "model.safetensors", dtype)
-
-# ----------------------------------------------------------------------------- ArcFace IResNet (optional face identity)
-
-
-def conv3x3(c_in, c_out, stride=1):
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-
-
-class IBasicBlock(nn.Module):
-    """BN -> conv3x3 -> BN -> PReLU -> conv3x3 (stride) -> BN, plus the (downsampled) input."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in, eps=1e-5)
-        self.conv1 = conv3x3(c_in, c_out)
-        self.bn2 = nn.BatchNorm2d(c_out, eps=1e-5)
-        self.prelu = nn.PReLU(c_out)
-        self.conv2 = conv3x3(c_out, c_out, stride)
-        self.bn3 = nn.BatchNorm2d(c_out, eps=1e-5)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(c_out, eps=1e-5))
-
-    def forward(self, x):
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return out + (x if self.downsample is None else self.downsample(x))
-
-
-IRESNET_LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}
-
-
-class IResNet(nn.Module):
-    """Aligned 112 x 112 face crops in [-1, 1] -> (b, 512) identity embeddings (compare them by cosine)."""
-    size = 112  # four stride-2 stages: 112 -> 7, and `fc` reads the 512 x 7 x 7 map
-
-    def __init__(self, layers=IRESNET_LAYERS["r50"], num_features: int = 512):
-        super().__init__()
-        self.conv1 = conv3x3(3, 64)
-        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-        self.prelu = nn.PReLU(64)
-        widths = [64, 64, 128, 256, 512]
-        for i, n in enumerate(layers):  # each stage halves the map in its first block
-            c_in, c_out = widths[i], widths[i + 1]
-            blocks = [IBasicBlock(c_in, c_out, stride=2), *(IBasicBlock(c_out, c_out) for _ in range(n - 1))]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
-        self.fc = nn.Linear(512 * 7 * 7, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return face_preprocess(self.size)
-
-    def forward(self, x):
-        check_pixels(x, self.size)
-        x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.features(self.fc(rearrange(self.bn2(x), "b c h w -> b (c h w)")))
-
-    @classmethod
-    def from_file(cls, path, dtype=torch.float32, device="cpu") -> "IResNet":
-        """An arcface_torch checkpoint (`backbone.pth`, or .safetensors); the depth is read from its keys."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise hub.ModelLoadError(f"face model '{path}' does not exist: pass an arcface_torch IResNet checkpoint "
-                                     f"(such as ms1mv3_arcface_r100_fp16/backbone.pth)")
-        try:
-            if path.suffix == ".safetensors":
-                sd = load_file(path)
-            else:  # a pickle: never execute code from it
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-            raise hub.ModelLoadError(f"cannot read face model '{path}': {e}") from None
-        if not isinstance(sd, dict) or "fc.weight" not in sd:
-            raise hub.ModelLoadError(f"'{path}' is not an arcface_torch IResNet state dict (no 'fc.weight')")
-        layers = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
-        with torch.device("meta"):
-            model = cls(layers, sd["fc.weight"].shape[0])
-        hub.check_keys(model, sd, path)
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
-

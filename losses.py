@@ -239,7 +239,7 @@ def comfusion_loss(batch, models, cfg):
 
 def objectdriven_loss(batch, models, cfg):
     """Object-driven one-shot fine-tuning with prototypical embedding, arXiv 2401.15708 (methods.md section 3), stage 2.
-    Stage 1, the prototypical embedding [paper], runs before the loop (train.py `prototypical_stage`, loss L_pe).
+    Stage 1, the prototypical embedding [paper], runs before the loop (methods.py `prototypical_stage`, loss L_pe).
 
         L = L_os + lambda L_prior                                                    [ours form; lambda = 1]
 

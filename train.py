@@ -15,9 +15,9 @@ same. The file reads top to bottom as one loop:
            -> for step: batch -> loss (losses.py) -> backward -> clip -> step -> log / checkpoint / validate
            -> final output
 
-What differs between methods is the data they read (check_config -> Inputs), the trainable set (here) and the
-loss (losses.py). Two methods add a little: ComFusion's fusion-stream rows in each batch (`draw_fusion_rows`)
-with frozen DINO/CLIP encoders, and the object-driven method's stage 1 before the loop (`prototypical_stage`).
+What differs between methods is the data they read, their frozen encoders and setup before the loop (methods.py),
+the trainable set (here) and the loss (losses.py). Two methods add a little to the loop: ComFusion's fusion-stream
+rows in each batch (`draw_fusion_rows`), and the object-driven method's stage 1 before it (`prototypical_stage`).
 """
 import argparse
 import contextlib
@@ -25,11 +25,10 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,37 +36,23 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
-from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
 from data import list_images, load_image, prepare
 from hub import ModelLoadError, atomic_write, looks_like_path
-from image_encoders import CLIPModel, ViTModel
-from lora import inject_lora, load_lora, save_lora
-from losses import LOSSES, clip_text_features, cosine_distance, prototypical_target
+from lora import inject_lora, load_lora, save_lora, save_lora_kohya
+from losses import LOSSES
+from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
+                     comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
 from sample import (DEFAULT_MODEL, SDModels, add_token, default_device, encode_prompts, generate, load_models,
                     make_grid, save_models, save_png, write_result_info)
-from text_encoder import CLIPTokenizer
+from single_file import is_single_file, save_single_file
 
 METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse")
 DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # methods.md section 1
               "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# The CLIP a method's loss uses unless --clip_model says otherwise. ComFusion [ours]: the CLIP-T/CLIP-I scorer's
-# default in eval.py, so it is trained against the family that scores it. Object-driven: T must be SD1's own text
-# encoder plus a CLIP text projection, so the CLIP whose text tower SD1 uses (methods.md section 3).
-DEFAULT_CLIP = {"comfusion": "openai/clip-vit-base-patch32", "objectdriven": "openai/clip-vit-large-patch14"}
-# ComFusion's scenes when no --scenes file is given [ours]: generic places that do not overlap the DreamBench
-# evaluation prompts (methods.md section 2)
-DEFAULT_SCENES = ("in a garden", "on a kitchen table", "in a library", "on a wooden dock by a lake", "in the desert",
-                  "in a living room", "at night under street lights", "on a balcony", "in a field of lavender",
-                  "on a stone bridge")
-
-# Textual Inversion's prompt templates (Gal et al. 2022, the first of `imagenet_templates_small`)
-TI_TEMPLATES = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-                "a photo of a clean {}", "a photo of my {}", "a close-up photo of a {}", "a bright photo of the {}",
-                "a good photo of a {}", "a photo of one {}", "a rendition of the {}", "a photo of the nice {}"]
 
 
 @dataclass
@@ -115,6 +100,8 @@ class TrainConfig:
     sample_steps: int = 50                   # DDIM steps for validation images
     seed: int = 0
     output_dir: str = "runs/dreambooth"
+    export: str = "none"                     # the final output also as: kohya (the LoRA for A1111 / ComfyUI) or
+                                             # single_file (model.safetensors, one original-layout fp16 file)
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     rank: int = 4
@@ -143,8 +130,8 @@ class TrainConfig:
     pe_steps: int = 200                      # stage 1: Adam steps on each new token's row [ours]
     pe_lr: float = 1e-3                      # stage 1 learning rate [ours]
     token_lr: float = 1e-4                   # stage 2: the new rows' learning rate (LoRA: --learning_rate) [ours]
-    # PhotoVerse (photoverse.py, methods.md section 4): --instance_data_dir is a folder of aligned faces;
-    # --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback encoder
+    # PhotoVerse (photoverse.py and photoverse_train.py, methods.md section 4): --instance_data_dir is a folder of
+    # aligned faces; --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback encoder
     vision_layers: str = "last,4,8,12,16"    # CLIP hidden states the adapters read [ours, ELITE's layers and order]
     adapter_dim: int = 1024                  # adapter width [paper]
     face_encoder: str | None = None          # an ArcFace IResNet checkpoint; None: DINO fallback [ours]
@@ -180,25 +167,6 @@ def parse_args(argv=None) -> TrainConfig:
     if "--demo" in argv:
         p.set_defaults(**DEMO)
     return TrainConfig(**vars(p.parse_args(argv)))
-
-
-@dataclass(frozen=True)
-class ObjectSpec:
-    """One object of the object-driven method: its image, its binary mask, its class noun, its new token."""
-    image: Path
-    mask: Path
-    cls: str
-    token: str
-
-
-@dataclass
-class Inputs:
-    """The run's data as check_config read it, the same shape for every method."""
-    instance: list[tuple[Path, str, tuple[Path, ...]]]  # (image, prompt, the masks of its objects) rows
-    priors: list[tuple[str, Path, int]] = field(default_factory=list)  # (prompt, folder, count) of frozen-model images
-    tokens: dict[str, str] = field(default_factory=dict)   # new token -> the words whose rows initialise it
-    scenes: list[str] = field(default_factory=list)        # ComFusion
-    objects: list[ObjectSpec] = field(default_factory=list)  # object-driven
 
 
 METHOD_OPTIONS = {  # options only some methods read: giving one to another method is a mistake, not a no-op
@@ -249,156 +217,25 @@ def check_config(cfg: TrainConfig) -> Inputs:
                  "pe_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.method in ("comfusion", "objectdriven"):
-        if cfg.train_text_encoder:
-            raise ValueError(f"--method {cfg.method} does not train the text encoder (methods.md): "
-                             f"drop --train_text_encoder")
-        if not cfg.class_data_dir:
-            raise ValueError(f"--method {cfg.method} needs --class_data_dir (its prior images are generated there once)")
-        for flag in ("clip_model", "dino_model") if cfg.method == "comfusion" else ("clip_model",):
-            name = getattr(cfg, flag)
-            if name and looks_like_path(name) and not Path(name).expanduser().exists():
-                raise ModelLoadError(f"--{flag} '{name}' does not exist")
-    if cfg.method == "comfusion":
-        if not cfg.class_prompt:
-            raise ValueError("--method comfusion needs --class_prompt (e.g. 'a photo of dog'; each scene is appended)")
-        if not 0 <= cfg.tau_min <= cfg.tau_max:
-            raise ValueError(f"--tau_min and --tau_max must satisfy 0 <= tau_min <= tau_max, "
-                             f"got {cfg.tau_min}, {cfg.tau_max}")
-    if cfg.method == "objectdriven" and cfg.class_prompt:
-        raise ValueError("--method objectdriven writes its class prompts itself ('a photo of {class}' per object): drop "
-                         "--class_prompt and set the class with --initializer_token or in --objects")
+    check_method_options(cfg)
+    if cfg.export not in ("none", "kohya", "single_file"):
+        raise ValueError(f"--export must be none, kohya or single_file, got '{cfg.export}'")
+    if cfg.export == "kohya" and cfg.method not in ("dreambooth_lora", "objectdriven"):
+        raise ValueError(f"--export kohya writes a LoRA, and --method {cfg.method} trains none (the LoRA methods are "
+                         f"dreambooth_lora and objectdriven)")
+    if cfg.export == "single_file" and cfg.method in ("textual_inversion", "objectdriven"):
+        raise ValueError(f"--export single_file cannot hold the new tokens of --method {cfg.method} (a single file has "
+                         f"no tokenizer): drop --export and share the output folder, which sample.py loads")
     if cfg.method not in ("textual_inversion", "objectdriven") and cfg.identifier not in cfg.instance_prompt.split():
         warnings.warn(f"--instance_prompt '{cfg.instance_prompt}' does not contain the identifier '{cfg.identifier}': "
                       f"the subject will be bound to the prompt's ordinary words (set --identifier if you use "
                       f"another rare token)", stacklevel=2)
-    if looks_like_path(cfg.pretrained_model_name_or_path) and not Path(cfg.pretrained_model_name_or_path).is_dir():
-        raise ModelLoadError(f"--pretrained_model_name_or_path folder '{cfg.pretrained_model_name_or_path}' does not exist")
-    if cfg.method == "objectdriven":
-        objects = read_objects(cfg)
-        return Inputs(object_rows(objects), prior_sets(cfg, [], objects), {o.token: o.cls for o in objects},
-                      objects=objects)
-    if not cfg.instance_data_dir:
-        raise ValueError("--instance_data_dir is required (a folder with 3-5 photos of the subject)")
-    paths = list_images(cfg.instance_data_dir, "instance")
-    for path in paths:
-        load_image(path)
-    scenes = read_scenes(cfg) if cfg.method == "comfusion" else []
-    tokens = {cfg.placeholder_token: cfg.initializer_token} if cfg.method == "textual_inversion" else {}
-    return Inputs([(p, cfg.instance_prompt, ()) for p in paths], prior_sets(cfg, scenes, []), tokens, scenes)
-
-
-def slug(text: str) -> str:
-    """A folder name for a prompt part: 'on a wooden dock' -> 'on-a-wooden-dock'."""
-    return re.sub(r"\W+", "-", text.lower()).strip("-")
-
-
-def read_scenes(cfg: TrainConfig) -> list[str]:
-    """ComFusion's scene phrases: --scenes FILE (one per line, blank lines skipped), or DEFAULT_SCENES."""
-    if cfg.scenes is None:
-        return list(DEFAULT_SCENES)
-    path = Path(cfg.scenes)
-    if not path.is_file():
-        raise ValueError(f"--scenes file '{path}' does not exist")
-    scenes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not scenes:
-        raise ValueError(f"--scenes file '{path}' has no scenes: write one phrase per line, such as 'in a garden'")
-    folders = [slug(s) for s in scenes]
-    clash = next((s for s, f in zip(scenes, folders) if not f or folders.count(f) > 1), None)
-    if clash is not None:
-        raise ValueError(f"--scenes file '{path}': scene '{clash}' is empty or repeats another as a folder name "
-                         f"('{slug(clash)}'): give distinct phrases with letters")
-    return scenes
-
-
-def read_mask(path) -> Image.Image:
-    """A binary object mask as PIL 'L', 255 = object: a pixel is the object when its grey value is >= 128 [ours]."""
-    if not Path(path).is_file():
-        raise ValueError(f"mask '{path}' does not exist")
-    return load_image(path).convert("L").point(lambda v: 255 if v >= 128 else 0)
-
-
-def read_objects(cfg: TrainConfig) -> list[ObjectSpec]:
-    """The object-driven method's objects: the entries of --objects FILE, or the one image of --instance_data_dir
-    with --instance_mask, --initializer_token (the class) and --placeholder_token. Every image and mask is opened
-    and checked here."""
-    if cfg.objects:
-        if cfg.instance_data_dir or cfg.instance_mask:
-            raise ValueError("give --objects FILE, or --instance_data_dir with --instance_mask, not both")
-        path = Path(cfg.objects)
-        if not path.is_file():
-            raise ValueError(f"--objects file '{path}' does not exist")
-        try:
-            entries = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--objects file '{path}' is not JSON: {e}") from None
-        keys = {"image", "mask", "class", "token"}
-        well_formed = [isinstance(o, dict) and set(o) == keys and all(isinstance(v, str) for v in o.values())
-                       for o in entries] if isinstance(entries, list) else []
-        if not (well_formed and all(well_formed)):
-            raise ValueError(f"--objects file '{path}' must be a non-empty JSON list of objects with exactly the "
-                             f"string fields {sorted(keys)}")
-        objects = [ObjectSpec((path.parent / o["image"]).resolve(), (path.parent / o["mask"]).resolve(), o["class"],
-                              o["token"]) for o in entries]
-    else:
-        if not cfg.instance_data_dir or not cfg.instance_mask:
-            raise ValueError("--method objectdriven needs --instance_data_dir (one image) with --instance_mask, "
-                             "or --objects FILE")
-        images = list_images(cfg.instance_data_dir, "instance")
-        if len(images) != 1:
-            raise ValueError(f"--method objectdriven learns from one image, but --instance_data_dir "
-                             f"'{cfg.instance_data_dir}' has {len(images)}: keep one, or list objects in --objects FILE")
-        objects = [ObjectSpec(images[0], Path(cfg.instance_mask), cfg.initializer_token, cfg.placeholder_token)]
-    first_use = {}
-    for i, o in enumerate(objects, start=1):
-        if not o.cls.strip():
-            raise ValueError(f"object {i} has an empty class: give its class noun, such as 'dog'")
-        if not o.token or o.token != o.token.strip() or len(o.token.split()) != 1:
-            raise ValueError(f"object {i} has token '{o.token}': a token is one new word, such as '<o{i}>'")
-        if o.token in first_use:
-            raise ValueError(f"objects {first_use[o.token]} and {i} both use the token '{o.token}': give each object "
-                             f"its own token")
-        first_use[o.token] = i
-    for o in objects:
-        image, mask = load_image(o.image), read_mask(o.mask)
-        if mask.size != image.size:
-            raise ValueError(f"mask '{o.mask}' is {mask.width}x{mask.height} but its image '{o.image}' is "
-                             f"{image.width}x{image.height}: the mask must have the image's size")
-        if mask.getbbox() is None:
-            raise ValueError(f"mask '{o.mask}' is empty (no pixel >= 128): white marks the object")
-    return objects
-
-
-def object_rows(objects: list[ObjectSpec]) -> list[tuple[Path, str, tuple[Path, ...]]]:
-    """One training row per distinct image, prompted "a photo of <o1> {class1} and <o2> {class2}" over the objects
-    in it [ours], with their masks (L_os uses their union) [paper: one mask per object; ours: the union]."""
-    by_image = {}
-    for o in objects:
-        by_image.setdefault(o.image, []).append(o)
-    return [(image, "a photo of " + " and ".join(f"{o.token} {o.cls}" for o in objs), tuple(o.mask for o in objs))
-            for image, objs in by_image.items()]
-
-
-def prior_sets(cfg: TrainConfig, scenes: list[str], objects: list[ObjectSpec]) -> list[tuple[str, Path, int]]:
-    """(prompt, folder, count) of each set of frozen-model prior images the method trains on."""
-    if cfg.method == "comfusion":       # the class-scene prior [paper]: one folder per scene
-        return [(f"{cfg.class_prompt} {s}", Path(cfg.class_data_dir) / slug(s), cfg.num_scene_images) for s in scenes]
-    if cfg.method == "objectdriven":    # the class-characterizing prior [paper]: one folder per class
-        classes = dict.fromkeys(o.cls for o in objects)
-        return [(f"a photo of {c}", Path(cfg.class_data_dir) / slug(c), cfg.num_class_images) for c in classes]
-    if cfg.with_prior_preservation:     # DreamBooth's class images
-        return [(cfg.class_prompt, Path(cfg.class_data_dir), cfg.num_class_images)]
-    return []
-
-
-def check_against_model(models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
-    """The checks that need the loaded model, made before any image is generated."""
-    for token in inputs.tokens:
-        if len(models.tokenizer.encode(token)[1:-1]) == 1:
-            raise ValueError(f"token '{token}' is already in the vocabulary: choose a new word, such as '<{token}>'")
-    if cfg.method == "comfusion" and cfg.tau_max >= models.schedule.num_train_timesteps:
-        raise ValueError(f"--tau_max must be below the schedule's {models.schedule.num_train_timesteps} timesteps, "
-                         f"got {cfg.tau_max}")
+    base = cfg.pretrained_model_name_or_path                           # a Hub id, a folder or one .safetensors/.ckpt
+    if is_single_file(base) and not Path(base).expanduser().is_file():
+        raise ModelLoadError(f"--pretrained_model_name_or_path file '{base}' does not exist")
+    if looks_like_path(base) and not is_single_file(base) and not Path(base).is_dir():
+        raise ModelLoadError(f"--pretrained_model_name_or_path folder '{base}' does not exist")
+    return read_inputs(cfg)
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -501,9 +338,20 @@ def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, in
         files["loss_encoders"] = {"clip": cfg.clip_model or DEFAULT_CLIP[cfg.method],
                                   **({"dino": cfg.dino_model} if cfg.method == "comfusion" else {})}
     base = cfg.pretrained_model_name_or_path
-    base = str(Path(base).resolve()) if Path(base).is_dir() else base   # a Hub id stays an id
+    base = str(Path(base).resolve()) if Path(base).exists() else base   # a folder or file; a Hub id stays an id
     write_result_info(folder, {"method": cfg.method, "base_model": base,
                                "instance_prompt": inputs.instance[0][1], "step": step, **files})
+
+
+def export_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
+    """--export, for the final output only (issue 5): kohya writes the LoRA in the kohya / A1111 / ComfyUI layout
+    beside the diffusers one; single_file writes the trained model, LoRA merged, as one original-layout file.
+    Both fp16, export.py's default."""
+    if cfg.export == "kohya":
+        parts = {"unet": models.unet, **({"text_encoder": models.text_encoder} if cfg.train_text_encoder else {})}
+        save_lora_kohya(folder / "lora_kohya.safetensors", parts, dtype=torch.float16)
+    if cfg.export == "single_file":
+        save_single_file(models, folder / "model.safetensors", dtype=torch.float16)
 
 
 def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
@@ -519,98 +367,6 @@ def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs
         with torch.no_grad():
             for token, i in zip(inputs.tokens, token_ids(models, inputs.tokens)):
                 models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
-
-
-# ----------------------------------------------------------------------------- ComFusion and object-driven pieces
-
-@dataclass
-class TrainModels(SDModels):
-    """SDModels plus the frozen encoders a loss reads (ComFusion: {"dino": ViTModel, "clip": CLIPModel})."""
-    encoders: dict = field(default_factory=dict)
-
-
-def load_encoders(cfg: TrainConfig, models: SDModels, device, fresh: bool) -> dict:
-    """The frozen image/text encoders of a method, loaded before any image is generated so a bad name fails early:
-    ComFusion's DINO and CLIP (inside its loss), the object-driven CLIP (stage 1 only, so none when resuming)."""
-    encoders = {}
-    if cfg.method == "comfusion":
-        encoders["dino"] = ViTModel.from_pretrained(cfg.dino_model, device=device)
-    if cfg.method == "comfusion" or (cfg.method == "objectdriven" and fresh):
-        encoders["clip"] = CLIPModel.from_pretrained(cfg.clip_model or DEFAULT_CLIP[cfg.method], device=device)
-    if cfg.method == "objectdriven" and fresh:
-        width, sd_width = encoders["clip"].config.text.hidden_size, models.text_encoder.config.hidden_size
-        if width != sd_width:
-            raise ValueError(f"--clip_model '{cfg.clip_model or DEFAULT_CLIP[cfg.method]}' has a {width}-wide text tower "
-                             f"but the SD text encoder is {sd_width}-wide: T projects SD's own text features, so give "
-                             f"the CLIP whose text tower SD uses (openai/clip-vit-large-patch14 for SD 1.x)")
-    for m in encoders.values():
-        m.requires_grad_(False)                                        # frozen: only the UNet learns from them
-    return encoders
-
-
-def comfusion_targets(models: SDModels, encoders: dict, inputs: Inputs, cfg: TrainConfig) -> dict:
-    """ComFusion's fixed fusion-stream data: the instance-scene prompts "a photo of {token} {class} {scene}", the
-    normalised DINO embedding of each instance image (L_v's target) and the normalised CLIP text embedding of each
-    "a photo of {class} {scene}" (L_t's target), computed once."""
-    dino, clip = encoders["dino"], encoders["clip"]
-    images = [load_image(p) for p, _, _ in inputs.instance]
-    tokenizer = CLIPTokenizer.from_pretrained(None)                    # OpenAI CLIP's vocabulary, as eval.py
-    with torch.no_grad():
-        image = dino.features(dino.preprocess(images).to(models.device))
-        ids = tokenizer([f"{cfg.class_prompt} {s}" for s in inputs.scenes]).to(models.device)
-        text = clip.get_text_features(ids)
-    return {"prompts": [f"{cfg.instance_prompt} {s}" for s in inputs.scenes],
-            "image": torch.nn.functional.normalize(image, dim=-1), "text": torch.nn.functional.normalize(text, dim=-1)}
-
-
-def draw_fusion_rows(cfg: TrainConfig, step: int, micro: int, rank: int, fusion: dict, cached_text: dict) -> dict:
-    """This rank's B fusion-stream rows: each a random scene and instance image, from its own generator (kind 2, so
-    its z_T in losses.py is drawn from it too). tau is one per step for all rows (kind 3, row 0), so every rank
-    runs the same DDIM timesteps."""
-    B = cfg.train_batch_size
-    gens = [row_generator(cfg, step, micro, 2, rank * B + j) for j in range(B)]
-    scenes = [int(torch.randint(len(fusion["prompts"]), (1,), generator=g)) for g in gens]
-    images = [int(torch.randint(len(fusion["image"]), (1,), generator=g)) for g in gens]
-    tau = int(torch.randint(cfg.tau_min, cfg.tau_max + 1, (1,), generator=row_generator(cfg, step, micro, 3, 0)))
-    return {"generators": gens, "tau": tau, "uncond": torch.cat([cached_text[""]] * B),
-            "encoder_hidden_states": torch.cat([cached_text[fusion["prompts"][k]] for k in scenes]),
-            "image_target": fusion["image"][images], "text_target": fusion["text"][scenes]}
-
-
-def union_mask(paths) -> Image.Image:
-    """The union of an image's object masks, as an RGB image so `prepare` crops and flips it like the image."""
-    masks = [np.asarray(read_mask(p)) for p in paths]
-    return Image.fromarray(np.maximum.reduce(masks)).convert("RGB")
-
-
-def prototypical_stage(models: SDModels, clip: CLIPModel, objects: list[ObjectSpec], cfg: TrainConfig) -> list[dict]:
-    """Object-driven stage 1, the prototypical embedding [paper, via a review]: for each object separately, only its
-    token's row moves, by Adam on L_pe = 1 - cos(T("a photo of <o>"), g) with
-    g = mean(n(I(x)), n(I(x * m)), n(T("a photo of {class}"))): I the CLIP image tower, T SD's text encoder with the
-    CLIP text projection, x * m the object on a mid-grey background [ours]. Adam, --pe_lr, --pe_steps [ours].
-    Returns the log lines (step 0, one per Adam step)."""
-    device, logs = models.device, []
-    table = models.text_encoder.text_model.embeddings.token_embedding.weight
-    for obj in objects:
-        image = load_image(obj.image)
-        masked = Image.composite(image, Image.new("RGB", image.size, (128, 128, 128)), read_mask(obj.mask))
-        with torch.no_grad():
-            image_features = clip.get_image_features(clip.preprocess([image, masked]).to(device))
-            class_text = clip_text_features(models, clip, models.tokenizer([f"a photo of {obj.cls}"]).to(device))
-        target = prototypical_target(image_features[0], image_features[1], class_text[0])
-        token, = token_ids(models, [obj.token])
-        ids = models.tokenizer([f"a photo of {obj.token}"]).to(device)
-        row = torch.nn.Parameter(table[token].detach().clone())
-        optimizer = torch.optim.Adam([row], lr=cfg.pe_lr)
-        for i in range(cfg.pe_steps):
-            loss = cosine_distance(clip_text_features(models, clip, ids, {token: row}), target[None])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            logs.append({"step": 0, "pe_step": i + 1, "token": obj.token, "loss_pe": loss.item()})
-        with torch.no_grad():
-            table[token] = row
-    return logs
 
 
 # ----------------------------------------------------------------------------- main
@@ -640,8 +396,8 @@ def row_generator(cfg: TrainConfig, step: int, micro: int, kind: int, row: int) 
 def train(cfg: TrainConfig) -> SDModels:
     """Run the whole training described by `cfg`; returns the trained models (the files are in output_dir)."""
     if cfg.method == "photoverse":              # adapters pretrained over a face dataset: its own loop
-        import photoverse
-        return photoverse.pretrain(cfg)
+        import photoverse_train
+        return photoverse_train.pretrain(cfg)
     inputs = check_config(cfg)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
@@ -753,8 +509,10 @@ def train(cfg: TrainConfig) -> SDModels:
         batch = {"generators": gens, "n_prior": B if pools[1] else 0}
         if mask_rows:
             batch["mask"] = torch.stack(mask_rows).to(device)                  # (B, 1, R, R) in [0, 1]
-        if fusion is not None and step % cfg.fusion_every == 0:
-            batch["fusion"] = draw_fusion_rows(cfg, step, micro, rank, fusion, cached_text)
+        if fusion is not None and step % cfg.fusion_every == 0:   # ComFusion: kind 2 its rows, kind 3 the step's tau
+            fusion_gens = [row_generator(cfg, step, micro, 2, rank * B + j) for j in range(B)]
+            tau_gen = row_generator(cfg, step, micro, 3, 0)
+            batch["fusion"] = draw_fusion_rows(cfg, fusion, cached_text, fusion_gens, tau_gen)
         if text_trains:
             batch["encoder_hidden_states"] = train_models.text_encoder(models.tokenizer(prompts).to(device))[0]
         else:
@@ -820,6 +578,7 @@ def train(cfg: TrainConfig) -> SDModels:
     if is_main:
         log_file.close()
         write_result(out, models, cfg, step, inputs)
+        export_result(out, models, cfg)
         print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
     if world > 1:
         dist.barrier()

@@ -10,6 +10,7 @@ from PIL import Image
 
 import sample
 import train
+from methods import TrainModels
 from image_encoders import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 from losses import comfusion_loss
 from tiny import tiny_models
@@ -45,7 +46,7 @@ def comfusion_setup(**weights):
     train.setup_trainable(models, cfg)
     encoders = {"dino": randomize(ViTModel(ViTConfig.tiny()), 1), "clip": randomize(CLIPModel(CLIPConfig.tiny()), 0)}
     parts = {f.name: getattr(models, f.name) for f in dataclasses.fields(models)}
-    tm = train.TrainModels(**parts, encoders=encoders)
+    tm = TrainModels(**parts, encoders=encoders)
     g = torch.Generator().manual_seed(0)
     c = torch.randn(3, 77, 32, generator=g)
     batch = {"latent_mean": torch.randn(2, 4, 4, 4, generator=g), "latent_std": torch.zeros(2, 4, 4, 4),

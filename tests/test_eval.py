@@ -15,7 +15,8 @@ from transformers import ViTConfig as HFViTConfig
 from transformers import ViTModel as HFViTModel
 
 import eval
-from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, IResNet, ViTConfig
+from face_encoder import IResNet
+from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, ViTConfig
 from sample import save_png
 from text_encoder import CLIPTokenizer
 

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+import methods
 import sample
 import train
+from data import prepare
 from image_encoders import CLIPConfig, CLIPModel
 from losses import clip_text_features, masked_mse, objectdriven_loss, prototypical_target
 from schedulers import NoiseSchedule
@@ -143,11 +145,11 @@ def logs(out):
 def test_prototypical_stage_lowers_l_pe_and_changes_exactly_one_row(two_objects):
     models = tiny_models()
     cfg = train.TrainConfig(method="objectdriven", pe_steps=15, pe_lr=5e-2)
-    obj = train.read_objects(train.TrainConfig(method="objectdriven", objects=str(two_objects / "objects.json")))[0]
+    obj = methods.read_objects(train.TrainConfig(method="objectdriven", objects=str(two_objects / "objects.json")))[0]
     train.setup_trainable(models, cfg, {obj.token: obj.cls})
     table = models.text_encoder.text_model.embeddings.token_embedding.weight
     before = table.detach().clone()
-    lines = train.prototypical_stage(models, tiny_clip(), [obj], cfg)
+    lines = methods.prototypical_stage(models, tiny_clip(), [obj], cfg)
     losses = [line["loss_pe"] for line in lines]
     assert len(losses) == 15 and losses[-1] < losses[0] - 1e-3, losses
     changed = (table.detach() != before).any(dim=1).nonzero().flatten().tolist()
@@ -233,14 +235,14 @@ def test_one_object_from_instance_dir_and_mask_and_resume(tiny_sd1, clip_dir, tm
 
 def test_masks_are_cropped_with_their_image(two_objects):
     """union_mask + prepare with a replayed generator: the mask's crop is the image's crop."""
-    union = train.union_mask([two_objects / "dog.png", two_objects / "table.png"])
+    union = methods.union_mask([two_objects / "dog.png", two_objects / "table.png"])
     expected = np.maximum(np.asarray(Image.open(two_objects / "dog.png")), np.asarray(Image.open(two_objects / "table.png")))
     assert np.array_equal(np.asarray(union)[..., 0], expected)
     # an image whose pixels are its mask: cropping both with the same draws gives the same tensor
     g = torch.Generator().manual_seed(3)
     replay = torch.Generator().set_state(g.get_state())
-    crop_image = train.prepare(union, 48, center_crop=False, flip=True, generator=g)
-    crop_mask = train.prepare(union, 48, center_crop=False, flip=True, generator=replay)
+    crop_image = prepare(union, 48, center_crop=False, flip=True, generator=g)
+    crop_mask = prepare(union, 48, center_crop=False, flip=True, generator=replay)
     assert torch.equal(crop_image, crop_mask)
 
 # ----------------------------------------------------------------------------- bad input

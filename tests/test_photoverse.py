@@ -1,5 +1,6 @@
-"""photoverse.py: random fusion, the placeholder, the trainable set, the losses, pretraining and one-command
-sampling end to end on tiny models, bad input. Faces are drawn here with PIL (no files are shipped)."""
+"""photoverse.py and photoverse_train.py: random fusion, the placeholder, the trainable set, the losses,
+pretraining and one-command sampling end to end on tiny models, bad input. Faces are drawn here with PIL (no files
+are shipped)."""
 import copy
 import json
 from collections import Counter
@@ -14,15 +15,17 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import photoverse
+import photoverse_train
 import sample
 import train
 from attention import attention
 from data import load_image, prepare
 from image_encoders import CLIPConfig, CLIPModel, CLIPVisionConfig, ViTConfig, ViTModel
 from lora import inject_lora
-from photoverse import (TRAIN_PROMPT, DualAttention, IdentityEncoder, PhotoVerseConfig, add_image_branch, attach,
-                        draw_fusion, embed_prompts, encode_with_words, face_loss, image_states, set_image_condition,
-                        trainable_parameters, trained_state, value_regulariser, word_regulariser)
+from photoverse import (DualAttention, IdentityEncoder, PhotoVerseConfig, add_image_branch, attach, draw_fusion,
+                        embed_prompts, encode_with_words, image_states, set_image_condition, trainable_parameters,
+                        trained_state)
+from photoverse_train import TRAIN_PROMPT, face_loss, value_regulariser, word_regulariser
 from text_encoder import EOS_ID, CLIPTextModel, CLIPTokenizer, TextEncoderConfig
 from tiny import make_tiny_model
 from unet import Attention, UNet, UNetConfig
@@ -268,14 +271,14 @@ def test_the_face_loss_is_skipped_above_its_timestep_limit(assets, monkeypatch):
         return dino(x)
     models.identity = spy
     cfg = SimpleNamespace(**LOSS_CFG, face_loss_max_timestep=600)
-    monkeypatch.setattr(photoverse, "draw_timesteps", lambda gens, schedule, device: torch.tensor([100, 800]))
-    loss, logs = photoverse.photoverse_loss(face_batch(assets), models, cfg)
+    monkeypatch.setattr(photoverse_train, "draw_timesteps", lambda gens, schedule, device: torch.tensor([100, 800]))
+    loss, logs = photoverse_train.photoverse_loss(face_batch(assets), models, cfg)
     assert seen == [1, 1] and logs["loss_face"] > 0       # real and estimate, of the t = 100 row only
     total = logs["loss_ldm"] + 0.01 * logs["loss_face"] + 0.01 * logs["loss_words"] + 0.001 * logs["loss_values"]
     assert loss.item() == pytest.approx(total, rel=1e-6)
-    monkeypatch.setattr(photoverse, "draw_timesteps", lambda gens, schedule, device: torch.tensor([600, 999]))
+    monkeypatch.setattr(photoverse_train, "draw_timesteps", lambda gens, schedule, device: torch.tensor([600, 999]))
     seen.clear()
-    loss, logs = photoverse.photoverse_loss(face_batch(assets), models, cfg)
+    loss, logs = photoverse_train.photoverse_loss(face_batch(assets), models, cfg)
     assert seen == [] and logs["loss_face"] == 0.0        # no row below 600: no decode, no face encoder
 
 # ----------------------------------------------------------------------------- what trains
@@ -291,7 +294,7 @@ def test_an_optimizer_step_changes_only_adapters_lora_and_w_s(assets):
         {n for n in models.unet.state_dict() if photoverse.is_trained(n)}
     optimizer = torch.optim.AdamW(trainable_parameters(models), lr=1e-3, weight_decay=0.0)
     cfg = SimpleNamespace(**LOSS_CFG, face_loss_max_timestep=1000)
-    loss, _ = photoverse.photoverse_loss(face_batch(assets, fusion_seed=fusion_seed((1.0, 1.0))), models, cfg)
+    loss, _ = photoverse_train.photoverse_loss(face_batch(assets, fusion_seed=fusion_seed((1.0, 1.0))), models, cfg)
     loss.backward()
     optimizer.step()
     for part, m in frozen.items():
@@ -398,18 +401,18 @@ def test_masks_and_boxes_give_the_face_region(tmp_path):
     ImageDraw.Draw(mask).rectangle((0, 0, 19, 39), fill=255)                     # the left half
     mask.save(tmp_path / "masks" / "f0.png")
     (tmp_path / "boxes.json").write_text(json.dumps({"f1.png": [0, 20, 40, 40]}))  # the bottom half
-    faces = photoverse.FaceFolder(tmp_path)
+    faces = photoverse_train.FaceFolder(tmp_path)
     (_, m0), (_, m1), (_, m2) = (faces.load(i, 40) for i in range(3))
     assert m0[0, :, :20].min() == 1 and m0[0, :, 20:].max() == 0
     assert m1[0, 20:].min() == 1 and m1[0, :20].max() == 0
     assert m2.min() == 1                                                          # neither: the whole image [ours]
     (tmp_path / "boxes.json").write_text(json.dumps({"f1.png": [0, 20, 50, 40]}))
     with pytest.raises(ValueError, match="inside its 40x40 pixels"):
-        photoverse.FaceFolder(tmp_path)
+        photoverse_train.FaceFolder(tmp_path)
     (tmp_path / "boxes.json").unlink()
     Image.new("L", (20, 20)).save(tmp_path / "masks" / "f2.png")
     with pytest.raises(ValueError, match="must have its image's size"):
-        photoverse.FaceFolder(tmp_path)
+        photoverse_train.FaceFolder(tmp_path)
 
 # ----------------------------------------------------------------------------- bad input
 
@@ -418,6 +421,7 @@ def test_masks_and_boxes_give_the_face_region(tmp_path):
 def no_loading(monkeypatch):
     """Fail the test if a model loads: bad input must be caught before."""
     monkeypatch.setattr(photoverse, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(photoverse_train, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(photoverse, "load_photoverse", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
@@ -480,5 +484,7 @@ def test_bad_pretraining_settings_fail_before_loading(assets, tmp_path, no_loadi
         train.main(pretrain_args(assets, tmp_path, 1, "--vision_layers", "last,4,8,12,16"))
     with pytest.raises(ValueError, match="--snr_gamma does not apply"):
         train.main(pretrain_args(assets, tmp_path, 1, "--snr_gamma", "5"))
+    with pytest.raises(ValueError, match="--export does not apply to --method photoverse"):
+        train.main(pretrain_args(assets, tmp_path, 1, "--export", "kohya"))
     with pytest.raises(ValueError, match="--face_encoder is an option of --method photoverse"):   # and the reverse
         train.main(["--method", "dreambooth", "--face_encoder", str(tmp_path / "arcface.pth")])

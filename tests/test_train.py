@@ -194,6 +194,41 @@ def test_outputs_load_in_diffusers(tiny_sd1, tmp_path):
     assert same_images(pipe, load_trained(tmp_path / "ti"), "a photo of <sks>") <= 1 / 255
 
 
+def test_dreambooth_from_a_single_file_has_the_same_first_loss(tiny_sd1, tmp_path):
+    from single_file import save_single_file
+    file = save_single_file(load_models(tiny_sd1), tmp_path / "tiny.safetensors")
+    firsts = []
+    for model, out in ((tiny_sd1, "folder"), (file, "file")):
+        run(argv(model, tmp_path / out, "dreambooth", 1))
+        firsts.append(losses(tmp_path / out)[0]["loss"])
+    assert firsts[0] == firsts[1]
+
+
+def test_lora_from_a_single_file_samples_from_its_output(tiny_sd1, tmp_path, monkeypatch):
+    from single_file import save_single_file
+    file = save_single_file(load_models(tiny_sd1), tmp_path / "tiny.safetensors")
+    monkeypatch.chdir(tmp_path)                                        # a relative path is stored absolute
+    models = run(argv("tiny.safetensors", tmp_path / "out", "dreambooth_lora", 3, "--learning_rate", "5e-2"))
+    assert json.loads((tmp_path / "out" / "nanobooth.json").read_text())["base_model"] == str(file.resolve())
+    monkeypatch.chdir(REPO)
+    models.unet.eval()
+    trained, loaded = (images_np(generate(m, ["a photo of sks dog"], seed=3, steps=4, height=64, width=64,
+                                          progress=False)) for m in (models, load_trained(tmp_path / "out")))
+    assert np.abs(trained - loaded).max() <= 1 / 255
+
+
+def test_export_writes_a_kohya_lora_and_a_single_file_at_the_end(tiny_sd1, tmp_path):
+    run(argv(tiny_sd1, tmp_path / "lora", "dreambooth_lora", 2, "--export", "kohya", "--checkpointing_steps", "1"))
+    kohya = load_file(tmp_path / "lora" / "lora_kohya.safetensors")
+    assert len(kohya) > 0 and any(k.endswith(".alpha") for k in kohya)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "lora" / "checkpoint-1" / "lora_kohya.safetensors").exists()   # the final output only
+    trained = run(argv(tiny_sd1, tmp_path / "full", "dreambooth", 2, "--export", "single_file"))
+    from_file = load_models(tmp_path / "full" / "model.safetensors")
+    for name, p in from_file.unet.state_dict().items():
+        assert torch.equal(p, trained.unet.state_dict()[name].half().float()), name
+
+
 def test_validation_images_and_config_are_written(tiny_sd1, tmp_path):
     run(argv(tiny_sd1, tmp_path, "textual_inversion", 2, "--validation_prompt", "a photo of <sks>",
              "--validation_steps", "1", "--num_validation_images", "2", "--sample_steps", "2"))
@@ -210,6 +245,9 @@ def test_validation_images_and_config_are_written(tiny_sd1, tmp_path):
     (lambda a, d: a + ["--with_prior_preservation", "--class_data_dir", str(d / "cls")], "needs --class_prompt"),
     (lambda a, d: a + ["--weight_dtype", "float16", "--mixed_precision", "fp16"], "half precision"),
     (lambda a, d: a + ["--pretrained_model_name_or_path", str(d / "no-model")], "does not exist"),
+    (lambda a, d: a + ["--pretrained_model_name_or_path", str(d / "no.safetensors")], "file .*no.safetensors' does not"),
+    (lambda a, d: a + ["--export", "kohya"], "writes a LoRA, and --method dreambooth trains none"),
+    (lambda a, d: a + ["--method", "textual_inversion", "--export", "single_file"], "cannot hold the new tokens"),
 ])
 def test_bad_input_fails_before_training_and_leaves_the_output_alone(change, message, tiny_sd1, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()

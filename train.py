@@ -141,7 +141,7 @@ class TrainConfig:
     face_loss_max_timestep: int = 600        # L_face only for t < 600 [ours]
 
 
-DEMO = dict(  # the README's offline main job: the tiny model and the dog in assets/demo, ~2 min on 2 CPU cores
+DEMO = dict(  # the README's offline main job: the tiny model and the dog in assets/demo, ~25 s on 2 CPU cores
     pretrained_model_name_or_path="runs/tiny-model", instance_data_dir=str(Path(__file__).parent / "assets/demo/dog"),
     instance_prompt="a photo of sks dog", class_prompt="a photo of dog", with_prior_preservation=True,
     class_data_dir="runs/demo/class_images", num_class_images=8, class_sample_steps=10, resolution=64,

@@ -50,7 +50,7 @@ from hub import ModelLoadError, atomic_write, looks_like_path
 from image_encoders import CLIPModel, ViTModel
 from lora import inject_lora
 from sample import (DEFAULT_MODEL, DTYPES, SDModels, check_settings, default_device, encode_prompts, guided,
-                    initial_latents, load_models, make_grid, read_prompts, save_png, to_pil)
+                    initial_latents, load_models, read_prompts, to_pil, write_images)
 from schedulers import SAMPLERS
 from unet import Attention
 
@@ -487,27 +487,11 @@ def sample_main(args) -> list[Path]:
     size = models.unet.config.sample_size * 8
     height, width = args.height or size, args.width or size
     check_settings(height, width, args.steps, args.guidance, args.sampler)
-    # 3. one latent per image from one seeded generator, then batches (as sample.main)
-    jobs = [p for p in prompts for _ in range(args.num_images)]
-    latents = initial_latents(len(jobs), height, width, args.seed)
-    out = Path(args.out)
-    paths, images = [], []
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
-        ims = generate(models, face, batch, args.negative_prompt, num_words=args.num_words, gamma=args.gamma,
-                       sigma=args.sigma, seed=args.seed + start, steps=args.steps, guidance=args.guidance,
-                       sampler=args.sampler, eta=args.eta, height=height, width=width,
-                       latents=latents[start:start + len(batch)])
-        for i, (prompt, im) in enumerate(zip(batch, ims), start=start):
-            meta_png = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=i,
-                            steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
-                            model=str(model), method="photoverse", adapter=str(args.adapter), face=str(args.face),
-                            gamma=args.gamma, sigma=args.sigma, num_words=args.num_words)
-            path = out / f"{i:04d}.png"
-            save_png(im, path, meta_png)
-            paths.append(path)
-            images.append(im)
-    save_png(make_grid(images, cols=args.num_images if len(prompts) > 1 else None), out / "grid.png",
-             {"prompts": json.dumps(prompts), "seed": args.seed, "face": str(args.face)})
-    print(f"wrote {len(paths)} images and grid.png to {out}")
-    return paths
+    # 3. one latent per image from one seeded generator, then batches (sample.write_images, as sample.main)
+    def make_images(batch, latents, seed):
+        return generate(models, face, batch, args.negative_prompt, num_words=args.num_words, gamma=args.gamma,
+                        sigma=args.sigma, seed=seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                        eta=args.eta, height=height, width=width, latents=latents)
+    meta = dict(model=str(model), method="photoverse", adapter=str(args.adapter), face=str(args.face),
+                gamma=args.gamma, sigma=args.sigma, num_words=args.num_words)
+    return write_images(args, prompts, height, width, make_images, meta)

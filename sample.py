@@ -300,28 +300,33 @@ def main(argv=None) -> list[Path]:
     height, width = args.height or size, args.width or size
     check_settings(height, width, args.steps, args.guidance, args.sampler)
     # 3. one latent per image, all from one seeded generator, then batches
+    def make_images(batch, latents, seed):
+        return generate(models, batch, args.negative_prompt, seed=seed, steps=args.steps, guidance=args.guidance,
+                        sampler=args.sampler, eta=args.eta, height=height, width=width, latents=latents)
+    return write_images(args, prompts, height, width, make_images, {"model": str(args.model), "lora": str(args.lora or "")})
+
+
+def write_images(args, prompts: list[str], height: int, width: int, make_images, meta: dict) -> list[Path]:
+    """The CLI's batch loop: one initial latent per image, all drawn from one seeded generator (so the batch
+    size does not change the images), `make_images(prompts, latents, seed)` per batch of `args.batch_size`, one
+    PNG per image with its settings in the PNG text, and a grid. Also used by photoverse.py's CLI."""
     jobs = [p for p in prompts for _ in range(args.num_images)]
     latents = initial_latents(len(jobs), height, width, args.seed)
     out = Path(args.out)
     paths, images = [], []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
-        ims = generate(models, batch, args.negative_prompt, seed=args.seed + start, steps=args.steps,
-                       guidance=args.guidance, sampler=args.sampler, eta=args.eta, height=height, width=width,
-                       latents=latents[start:start + len(batch)])
-        for i, (prompt, im) in enumerate(zip(batch, ims), start=start):
-            meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=i,
-                        steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
-                        model=str(args.model), lora=str(args.lora or ""))
-            path = out / f"{i:04d}.png"
-            save_png(im, path, meta)
-            paths.append(path)
+        for i, (prompt, im) in enumerate(zip(batch, make_images(batch, latents[start:start + len(batch)],
+                                                                  args.seed + start)), start=start):
+            settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=i,
+                            steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta, **meta)
+            paths.append(out / f"{i:04d}.png")
+            save_png(im, paths[-1], settings)
             images.append(im)
     save_png(make_grid(images, cols=args.num_images if len(prompts) > 1 else None), out / "grid.png",
-             {"prompts": json.dumps(prompts), "seed": args.seed})
+             {"prompts": json.dumps(prompts), "seed": args.seed, **meta})
     print(f"wrote {len(paths)} images and grid.png to {out}")
     return paths
-
 
 if __name__ == "__main__":
     try:

@@ -14,19 +14,10 @@ from methods import TrainModels
 from image_encoders import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 from losses import comfusion_loss
 from tiny import tiny_models
+from helpers import killed_after_first_checkpoint, randomize
 
 REPO = Path(__file__).resolve().parents[1]
 DOG = REPO / "assets" / "demo" / "dog"
-
-
-def randomize(model, seed):
-    """Random weights larger than the init, so tiny encoders tell images apart (as tests/test_eval.py)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.3 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "norm" in name and name.endswith("weight") else noise)
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,8 @@ def comfusion_setup(**weights):
     models = tiny_models()
     cfg = train.TrainConfig(method="comfusion", fusion_steps=3, **weights)
     train.setup_trainable(models, cfg)
-    encoders = {"dino": randomize(ViTModel(ViTConfig.tiny()), 1), "clip": randomize(CLIPModel(CLIPConfig.tiny()), 0)}
+    encoders = {"dino": randomize(ViTModel(ViTConfig.tiny()), 1).requires_grad_(False),
+                "clip": randomize(CLIPModel(CLIPConfig.tiny()), 0).requires_grad_(False)}
     parts = {f.name: getattr(models, f.name) for f in dataclasses.fields(models)}
     tm = TrainModels(**parts, encoders=encoders)
     g = torch.Generator().manual_seed(0)
@@ -153,15 +145,7 @@ def test_cli_run_scene_images_resume_and_sampling(tiny_sd1, encoder_dirs, tmp_pa
     assert (tmp_path / "straight" / "model_index.json").is_file()
 
     # killed after the checkpoint of step 2, then resumed: the same fusion draws and losses as the straight run
-    real_save = train.checkpoint.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train.checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(argv(tiny_sd1, tmp_path / "resumed", encoder_dirs, *run))
-    monkeypatch.setattr(train.checkpoint, "save_checkpoint", real_save)
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(argv(tiny_sd1, tmp_path / "resumed", encoder_dirs, *run)))
     train.main(argv(tiny_sd1, tmp_path / "resumed", encoder_dirs, *run, "--resume_from_checkpoint", "latest"))
     for a, b in zip(rows, logs(tmp_path / "resumed"), strict=True):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a)

@@ -19,6 +19,7 @@ from face_encoder import IResNet
 from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, ViTConfig
 from sample import save_png
 from text_encoder import CLIPTokenizer
+from helpers import randomize
 
 ASSET = Path(__file__).parent.parent / "assets" / "dreambench" / "prompts_and_classes.txt"
 
@@ -55,16 +56,6 @@ def test_prompt_lists_and_classes_equal_the_dataset_file():
         eval.parse_prompts_file(Path(__file__))
 
 # ----------------------------------------------------------------------------- end to end with tiny models
-
-
-def randomize(model, seed):
-    """Every weight random and larger than transformers' init (std 0.02), so tiny encoders tell images apart."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.3 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "norm" in name and name.endswith("weight") else noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from losses import clip_text_features, masked_mse, objectdriven_loss, prototypic
 from schedulers import NoiseSchedule
 from text_encoder import TextEncoderConfig
 from tiny import tiny_models
+from helpers import killed_after_first_checkpoint, randomize
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "assets" / "demo"
@@ -92,13 +93,7 @@ def test_prototypical_target_is_the_mean_of_three_unit_vectors():
 def tiny_clip(text=None, seed=0) -> CLIPModel:
     """A tiny CLIP with random weights (larger than the init, so images differ); its text width is the tiny SD's."""
     cfg = CLIPConfig.tiny()
-    model = CLIPModel(CLIPConfig(text or cfg.text, cfg.vision, cfg.projection_dim))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.3 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "norm" in name and name.endswith("weight") else noise)
-    return model.eval()
+    return randomize(CLIPModel(CLIPConfig(text or cfg.text, cfg.vision, cfg.projection_dim)), seed)
 
 
 @pytest.fixture(scope="module")
@@ -214,15 +209,7 @@ def test_one_object_from_instance_dir_and_mask_and_resume(tiny_sd1, clip_dir, tm
     train.main(argv(tiny_sd1, tmp_path / "straight", clip_dir, *one))
     assert json.loads((tmp_path / "straight" / "nanobooth.json").read_text())["instance_prompt"] == "a photo of <dog1> dog"
     # killed after the checkpoint of step 2, then resumed: stage 1 is not run again, and the steps match
-    real_save = train.checkpoint.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train.checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(argv(tiny_sd1, tmp_path / "resumed", clip_dir, *one))
-    monkeypatch.setattr(train.checkpoint, "save_checkpoint", real_save)
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(argv(tiny_sd1, tmp_path / "resumed", clip_dir, *one)))
     monkeypatch.setattr(train, "prototypical_stage", lambda *a: pytest.fail("stage 1 ran again on resume"))
     train.main(argv(tiny_sd1, tmp_path / "resumed", clip_dir, *one, "--resume_from_checkpoint", "latest"))
     a, b = logs(tmp_path / "straight"), logs(tmp_path / "resumed")

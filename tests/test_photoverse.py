@@ -29,6 +29,7 @@ from photoverse_train import TRAIN_PROMPT, face_loss, value_regulariser, word_re
 from text_encoder import EOS_ID, CLIPTextModel, CLIPTokenizer, TextEncoderConfig
 from tiny import make_tiny_model
 from unet import Attention, UNet, UNetConfig
+from helpers import randomize
 
 CASES = [(2.0, 0.0), (0.0, 2.0), (1.0, 1.0)]   # (gamma, sigma): text only, image only, both [paper]
 RES = 64                                        # training images and the tiny encoders' input size
@@ -36,16 +37,6 @@ TINY = PhotoVerseConfig(vision_layers=(-1, 1), adapter_dim=32, rank=2, resolutio
 LOSS_CFG = dict(noise_offset=0.0, face_loss_weight=0.01, word_reg_weight=0.01, value_reg_weight=0.001)
 
 # ----------------------------------------------------------------------------- tiny encoders and drawn faces
-
-
-def randomize(model, seed):
-    """Every weight random and large (std 0.3, norms near 1), so tiny encoders tell images apart."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.3 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "norm" in name and name.endswith("weight") else noise)
-    return model.eval()
 
 
 def draw_face(seed: int, size=(40, 48)) -> Image.Image:

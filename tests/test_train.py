@@ -13,6 +13,7 @@ import checkpoint
 import train
 from data import load_image, prepare
 from sample import encode_prompts, generate, load_models, load_trained
+from helpers import killed_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DOG = REPO / "assets" / "demo" / "dog"
@@ -98,15 +99,8 @@ def test_resume_equals_a_straight_run(method, extra, tiny_sd1, tmp_path, monkeyp
     class_dir = ["--class_data_dir", str(tmp_path / "class")] if "--with_prior_preservation" in extra else []
     run(argv(tiny_sd1, tmp_path / "straight", method, 20, *common, *class_dir))
 
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(out, step, *a, **k):                               # the process is killed after step 10
-        path = real_save(out, step, *a, **k)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(argv(tiny_sd1, tmp_path / "resumed", method, 20, *common, *class_dir))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    killed_after_first_checkpoint(monkeypatch,                           # the process is killed after step 10
+                                  lambda: run(argv(tiny_sd1, tmp_path / "resumed", method, 20, *common, *class_dir)))
     run(argv(tiny_sd1, tmp_path / "resumed", method, 20, *common, *class_dir, "--resume_from_checkpoint", "latest"))
 
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")

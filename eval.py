@@ -20,6 +20,15 @@ The subjects, classes and prompts are those of the dataset's `prompts_and_classe
 4.0; a verbatim copy is in assets/dreambench/): read from the dataset folder when it has the file, otherwise
 the lists below, which tests/test_eval.py checks against the copy.
 
+Toy runs (the procedural world of world.py, models from pretrain.py) add a fourth score with --classifier:
+factor accuracy, whether image_encoders.FactorClassifier sees in each generated image the shape, colour and
+scene its prompt names (`prompt_factors`: "a red sks star on the beach" -> red, star, beach). A row gets
+`shape_acc`, `colour_acc`, `scene_acc` (1 or 0) for the factors its prompt names, and every mean is over the
+images whose prompts name that factor:
+
+    python eval.py --model runs/toy-star --dataset toy_subjects/ --clip_model assets/toy/clip \
+        --dino_model assets/toy/classifier --classifier assets/toy/classifier --steps 25 --guidance 4
+
 Outputs in --out: metrics.json (the scores, per-subject and per-prompt rows, the backbones), metrics.csv (one
 row per image) and contact_sheet.png (per subject: its real photos, then some of the generated images).
 """
@@ -36,15 +45,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
+import world
 from data import IMAGE_SUFFIXES, load_image
 from face_encoder import IResNet
 from hub import ModelLoadError, atomic_write, looks_like_path
-from image_encoders import CLIPModel, ViTModel
+from image_encoders import CLIPModel, FactorClassifier, ViTModel
 from sample import check_settings, default_device, generate, initial_latents, load_trained, make_grid, save_png
-from text_encoder import CLIPTokenizer
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+FACTORS = ("shape", "colour", "scene")  # the toy world's factors, in the order of their `<factor>_acc` columns
 PROMPTS_FILE = "prompts_and_classes.txt"
 
 # ----------------------------------------------------------------------------- DreamBench: subjects, classes, prompts
@@ -186,6 +196,56 @@ def row_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(x, y, dim=-1)
 
 
+def prompt_factors(prompt: str) -> dict[str, str]:
+    """The toy world's factors a prompt names: {"shape", "colour", "scene"}, each only where it is named.
+
+    A scene is named by its phrase in world.SCENES ("on the beach" -> "beach"; where several appear the
+    longest wins), a shape by its word, a colour by its word standing before the shape's: the object's
+    adjective ("a red sks star"), not a colour after it ("a sks star on top of pink fabric" is the fabric's),
+    so no shape word, no colour. Whole words only, case-insensitive."""
+    text = " ".join(prompt.lower().split())
+    factors = {}
+    for scene, phrase in sorted(world.SCENES.items(), key=lambda kv: -len(kv[1])):
+        if m := re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text):
+            factors["scene"] = scene
+            text = text[:m.start()] + " , " + text[m.end():]  # its words name nothing else
+            break
+    words = re.findall(r"\w+", text)
+    shape = next((i for i, w in enumerate(words) if w in world.SHAPES), None)
+    if shape is not None:
+        factors["shape"] = words[shape]
+        if colours := [w for w in words[:shape] if w in world.COLOURS]:
+            factors["colour"] = colours[-1]
+    return factors
+
+
+def factor_hits(classifier: FactorClassifier, images: list[Image.Image], expected: list[dict]) -> list[dict]:
+    """Per image, {factor: 1.0 if the classifier predicts the expected label else 0.0} for the factors its
+    `expected` dict names (any of shape / colour / scene, labels as in `classifier.factors`)."""
+    if len(images) != len(expected):
+        raise ValueError(f"{len(images)} images but {len(expected)} expected factor dicts")
+    for e in expected:
+        for factor, label in e.items():
+            if factor not in classifier.factors:
+                raise ValueError(f"the classifier has no '{factor}' head (it predicts {', '.join(classifier.factors)})")
+            if label not in classifier.factors[factor]:
+                raise ValueError(f"the classifier cannot predict {factor} '{label}': its labels are "
+                                 f"{', '.join(classifier.factors[factor])}")
+    named = [i for i, e in enumerate(expected) if e]
+    predicted = classifier.predict([images[i] for i in named]) if named else {}
+    hits = [{} for _ in expected]
+    for j, i in enumerate(named):
+        hits[i] = {factor: float(predicted[factor][j] == label) for factor, label in expected[i].items()}
+    return hits
+
+
+def factor_accuracy(classifier: FactorClassifier, images: list[Image.Image], expected: list[dict]) -> dict[str, float]:
+    """{factor: the fraction of the images naming it in `expected` that the classifier gets right}; factors
+    no image names are left out."""
+    hits = factor_hits(classifier, images, expected)
+    return {f: float(np.mean([h[f] for h in hits if f in h])) for f in classifier.factors if any(f in h for h in hits)}
+
+
 @torch.no_grad()
 def embed(encode, preprocess, paths: list[Path], device, batch_size: int = 32) -> torch.Tensor:
     out = []
@@ -196,8 +256,10 @@ def embed(encode, preprocess, paths: list[Path], device, batch_size: int = 32) -
 
 
 def score(groups: list[Group], encoders: dict, identifier: str, keep_identifier: bool, device) -> list[dict]:
-    """One row per generated image: subject, prompt, file, and its dino / clip_i / clip_t (/ face) scores."""
-    clip, tokenizer = encoders["clip"], CLIPTokenizer.from_pretrained(None)  # OpenAI CLIP's vocab, as SD's
+    """One row per generated image: subject, prompt, file, and its dino / clip_i / clip_t (/ face) scores; with a
+    classifier, also `<factor>_acc` (1 or 0) for each factor its prompt names."""
+    clip = encoders["clip"]
+    tokenizer = clip.tokenizer()
     image_encoders = {"dino": (encoders["dino"].features, encoders["dino"].preprocess),
                       "clip_i": (clip.get_image_features, clip.preprocess)}
     if "face" in encoders:
@@ -212,16 +274,21 @@ def score(groups: list[Group], encoders: dict, identifier: str, keep_identifier:
         with torch.no_grad():
             text = clip.get_text_features(tokenizer(texts).to(device)).float().cpu()
         scores["clip_t"] = row_cosine(generated["clip_i"], text)
+        hits = [{}] * len(g.images)
+        if classifier := encoders.get("classifier"):
+            expected = [{k: v for k, v in prompt_factors(p).items() if k in classifier.factors} for p in g.prompts]
+            hits = factor_hits(classifier, [load_image(p) for p in g.images], expected)
         for i, (path, prompt) in enumerate(zip(g.images, g.prompts)):
             rows.append({"subject": g.subject, "prompt": prompt, "image": str(path),
-                         **{k: float(v[i]) for k, v in scores.items()}})
+                         **{k: float(v[i]) for k, v in scores.items()}, **{f"{k}_acc": v for k, v in hits[i].items()}})
     return rows
 
 
 def summarize(rows: list[dict], keys: list[str]) -> dict:
-    """Means over all images, per subject, and per (subject, prompt)."""
+    """Means over all images, per subject, and per (subject, prompt); a key some rows lack (a factor accuracy
+    whose factor their prompt does not name) is the mean over the rows that have it, None where none do."""
     def mean(rs):
-        return {k: float(np.mean([r[k] for r in rs])) for k in keys}
+        return {k: float(np.mean(v)) if (v := [r[k] for r in rs if k in r]) else None for k in keys}
     by_subject, by_prompt = {}, {}
     for r in rows:
         by_subject.setdefault(r["subject"], []).append(r)
@@ -290,12 +357,12 @@ def protocol_jobs(args) -> list[tuple[str, str, list[str]]]:
 def generate_groups(args, jobs, references: dict[str, list[Path]], device) -> list[Group]:
     """Generate --num_images per prompt into out/images/<subject>/, the same seed for every prompt."""
     models = load_trained(args.model, device=device)
-    size = models.unet.config.sample_size * 8
+    size = models.unet.config.sample_size * models.vae.factor
     groups = []
     for subject, cls, prompts in jobs:
         paths, texts = [], []
         for j, prompt in enumerate(prompts):
-            latents = initial_latents(args.num_images, size, size, args.seed)
+            latents = initial_latents(args.num_images, size, size, args.seed, factor=models.vae.factor)
             images = generate(models, [prompt] * args.num_images, seed=args.seed, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, height=size, width=size,
                               latents=latents, progress=False)
@@ -329,6 +396,8 @@ def parse_args(argv=None):
     p.add_argument("--dino_model", default=DEFAULT_DINO)
     p.add_argument("--clip_model", default=DEFAULT_CLIP, help="openai/clip-vit-base-patch32 or -large-patch14")
     p.add_argument("--face_model", help="optional: an arcface_torch IResNet checkpoint file, adds a `face` score")
+    p.add_argument("--classifier", help="optional, toy runs: a FactorClassifier folder (pretrain.py's classifier/), "
+                   "adds shape_acc / colour_acc / scene_acc for the factors each prompt names")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--sampler", default="ddim")
@@ -343,6 +412,12 @@ def check_model_arg(flag: str, name) -> None:
         raise ModelLoadError(f"--{flag} '{name}' does not exist")
 
 
+def check_classifier_arg(folder) -> None:
+    if folder and not (Path(folder).expanduser() / "heads" / "config.json").is_file():
+        raise ModelLoadError(f"--classifier '{folder}' is not a factor classifier folder (a ViT and heads/config.json, "
+                             f"as pretrain.py writes assets/toy/classifier)")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # 1. everything that can be checked without loading a model
@@ -354,6 +429,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
     for flag in ("model", "dino_model", "clip_model", "face_model"):
         check_model_arg(flag, getattr(args, flag))
+    check_classifier_arg(args.classifier)
     if args.model:
         if not (args.reference and Path(args.reference).is_dir()):
             raise ValueError(f"--dataset folder '{args.reference}' does not exist: the protocol needs the subjects' "
@@ -369,12 +445,16 @@ def main(argv=None) -> dict:
                 "clip": CLIPModel.from_pretrained(args.clip_model, device=device)}
     if args.face_model:
         encoders["face"] = IResNet.from_file(args.face_model, device=device)
+    if args.classifier:
+        encoders["classifier"] = FactorClassifier.from_pretrained(Path(args.classifier).expanduser(), device=device)
     if args.model:
         groups = generate_groups(args, jobs, references, device)
     rows = score(groups, encoders, args.identifier, args.keep_identifier, device)
     keys = ["dino", "clip_i", "clip_t"] + (["face"] if args.face_model else [])
+    keys += [f"{f}_acc" for f in FACTORS if any(f"{f}_acc" in r for r in rows)]  # those some prompt names
     meta = {"backbones": {"dino": str(args.dino_model), "clip": str(args.clip_model),
-                          **({"face": str(args.face_model)} if args.face_model else {})},
+                          **({"face": str(args.face_model)} if args.face_model else {}),
+                          **({"classifier": str(args.classifier)} if args.classifier else {})},
             "identifier": args.identifier, "keep_identifier": args.keep_identifier, "model": args.model}
     metrics = write_outputs(Path(args.out), rows, groups, meta, keys)
     print(" ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" ({len(rows)} images) -> {args.out}/metrics.json")

@@ -15,8 +15,9 @@ from transformers import ViTConfig as HFViTConfig
 from transformers import ViTModel as HFViTModel
 
 import eval
+import world
 from face_encoder import IResNet
-from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, ViTConfig
+from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, FactorClassifier, ViTConfig
 from sample import save_png
 from text_encoder import CLIPTokenizer
 from helpers import randomize
@@ -220,3 +221,95 @@ def test_bad_input_is_a_clear_error(folders, tmp_path):
         eval.main(["--reference", ref])
     with pytest.raises(eval.ModelLoadError, match="--clip_model './missing' does not exist"):
         eval.main(["--images", str(no_prompt), "--reference", ref, "--clip_model", "./missing"])
+
+# ----------------------------------------------------------------------------- toy world: factor accuracy
+
+
+def test_prompt_factors_reads_the_world_factors_a_prompt_names():
+    assert eval.prompt_factors("a sks star on the beach") == {"shape": "star", "scene": "beach"}
+    assert eval.prompt_factors("a red circle in front of a brick wall") == {
+        "shape": "circle", "colour": "red", "scene": "brick wall"}
+    assert eval.prompt_factors("A Purple  sks Heart ON A WOODEN FLOOR") == {
+        "shape": "heart", "colour": "purple", "scene": "wooden floor"}
+    assert eval.prompt_factors("a red sks star") == {"shape": "star", "colour": "red"}
+    # a colour after the shape belongs to something else; without a shape there is no object to colour
+    assert eval.prompt_factors("a sks star on top of pink fabric") == {"shape": "star"}
+    assert eval.prompt_factors("a sks dog with a blue house in the background") == {}
+    assert eval.prompt_factors("a red sks dog in the snow") == {"scene": "snow"}
+    # whole words only: no star in "starfish", no ring in "earring", no red in "reddish", no scene in "on the beaches"
+    assert eval.prompt_factors("a reddish starfish with an earring on the beaches") == {}
+    # the longest scene phrase wins, and its words name no shape or colour
+    assert eval.prompt_factors("a star in the water in front of a brick wall")["scene"] == "brick wall"
+    for prompt, factors in world.eval_prompts(50, seed=3):  # the benchmark's prompts read back exactly
+        assert eval.prompt_factors(prompt) == factors
+
+
+def fixed_classifier(image_size=32, **says) -> FactorClassifier:
+    """A tiny FactorClassifier whose heads ignore the image: zero weights, a bias that picks says[factor]."""
+    factors = {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "scene": list(world.SCENES)}
+    torch.manual_seed(0)
+    classifier = FactorClassifier(ViTConfig(32, 37, 2, 4, image_size=image_size, patch_size=8), factors)
+    with torch.no_grad():
+        for name, head in classifier.heads.items():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([float(label == says[name]) for label in factors[name]]))
+    return classifier.eval()
+
+
+def test_factor_accuracy_counts_each_factor_over_the_images_that_name_it():
+    classifier = fixed_classifier(shape="star", colour="red", scene="beach")
+    images = [smooth_image(i, (64, 64)) for i in range(5)]
+    expected = [{"shape": "star", "scene": "snow"}, {"shape": "circle", "colour": "red"},
+                {"shape": "star", "colour": "red", "scene": "beach"}, {}, {"shape": "star"}]
+    assert eval.factor_accuracy(classifier, images, expected) == {"colour": 1.0, "scene": 0.5, "shape": 0.75}
+    assert eval.factor_hits(classifier, images, expected)[:2] == [{"shape": 1.0, "scene": 0.0},
+                                                                 {"shape": 0.0, "colour": 1.0}]
+    assert eval.factor_accuracy(classifier, images[:1], [{"colour": "blue"}]) == {"colour": 0.0}
+    assert eval.factor_accuracy(classifier, [], []) == {}
+    with pytest.raises(ValueError, match="cannot predict scene 'on the beach'.*grass, snow"):
+        eval.factor_accuracy(classifier, images[:1], [{"scene": "on the beach"}])  # the phrase, not the label
+    with pytest.raises(ValueError, match="no 'size' head"):
+        eval.factor_accuracy(classifier, images[:1], [{"size": "small"}])
+    with pytest.raises(ValueError, match="2 images but 1 expected"):
+        eval.factor_accuracy(classifier, images[:2], [{}])
+
+
+def test_the_classifier_option_adds_factor_accuracy(tiny_sd1, encoders, folders, tmp_path):
+    fixed_classifier(shape="star", colour="red", scene="beach").save_pretrained(tmp_path / "classifier")
+    dataset = tmp_path / "toy"
+    (dataset / "checkered_star").mkdir(parents=True)
+    for p in (folders / "dataset" / "dog").iterdir():
+        (dataset / "checkered_star" / p.name).write_bytes(p.read_bytes())
+    templates = ["a {0} {1} on the beach", "a red {0} {1} in the snow", "a {0} {1} on top of pink fabric"]
+    lines = [f"'{t}'.format(unique_token, class_token)," for t in templates]
+    (dataset / eval.PROMPTS_FILE).write_text("\n".join(["Classes", "subject_name,class", "checkered_star,star",
+                                                        "Prompts", "Object Prompts", *lines,
+                                                        "Live Subject Prompts", *lines]))
+    out = tmp_path / "out"
+    metrics = eval.main(["--model", str(tiny_sd1), "--dataset", str(dataset), "--num_images", "2", "--steps", "1",
+                         "--out", str(out), "--clip_model", str(encoders["clip_dir"]), "--dino_model",
+                         str(encoders["dino_dir"]), "--classifier", str(tmp_path / "classifier"), "--device", "cpu"])
+    # the classifier always says red star on the beach: every image shows the star and the one red asked for,
+    # the beach is right for the beach prompt and wrong for the snow one; the fabric prompt names no scene
+    assert (metrics["shape_acc"], metrics["colour_acc"], metrics["scene_acc"]) == (1.0, 1.0, 0.5)
+    by_prompt = {r["prompt"]: r for r in metrics["prompts"]}
+    assert by_prompt["a red sks star in the snow"]["scene_acc"] == 0.0
+    assert by_prompt["a sks star on top of pink fabric"]["scene_acc"] is None
+    assert by_prompt["a sks star on the beach"]["colour_acc"] is None
+    assert metrics["backbones"]["classifier"] == str(tmp_path / "classifier")
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [(r["shape_acc"], r["colour_acc"], r["scene_acc"]) for r in rows[::2]] == [
+        ("1.0", "", "1.0"), ("1.0", "1.0", "0.0"), ("1.0", "", "")]
+    assert len(rows) == 6 and json.loads((out / "metrics.json").read_text())["scene_acc"] == 0.5
+
+
+def test_a_missing_classifier_folder_fails_before_any_model_loads(encoders, folders, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model loaded before the arguments were checked")
+    monkeypatch.setattr(eval.ViTModel, "from_pretrained", no_loading)
+    monkeypatch.setattr(eval.CLIPModel, "from_pretrained", no_loading)
+    base = ["--images", str(folders / "images"), "--reference", str(folders / "dataset"), "--out", str(tmp_path)]
+    with pytest.raises(eval.ModelLoadError, match="--classifier '.*missing' is not a factor classifier folder"):
+        eval.main(base + ["--classifier", str(tmp_path / "missing")])
+    with pytest.raises(eval.ModelLoadError, match="is not a factor classifier folder"):  # a ViT without heads/
+        eval.main(base + ["--classifier", str(encoders["dino_dir"])])

@@ -21,6 +21,7 @@ Shapes: b batch, p patches, d width; pixels (b, 3, s, s), tokens (b, 1 + p, d), 
 """
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from PIL import Image
 
 import hub
 from attention import attention
-from text_encoder import ACTIVATIONS, CLIPEncoder, CLIPTextTransformer, TextEncoderConfig
+from text_encoder import ACTIVATIONS, CLIPEncoder, CLIPTextTransformer, CLIPTokenizer, TextEncoderConfig, shipped_vocab
 
 # ----------------------------------------------------------------------------- preprocessing
 
@@ -155,6 +156,10 @@ class CLIPConfig:
     def tiny(cls):  # tests: 224 px so the real preprocessing runs, 32 px patches -> 49 tokens
         return cls(TextEncoderConfig.tiny(), CLIPVisionConfig(32, 37, 2, 4), 16)
 
+    @classmethod
+    def toy(cls):  # the toy world's CLIP (pretrain.py): 64 px images in 8 px patches, the toy text tower
+        return cls(TextEncoderConfig.toy(), CLIPVisionConfig(128, 512, 4, 4, image_size=64, patch_size=8), 64)
+
 
 @dataclass(frozen=True)
 class ViTConfig:  # defaults: transformers' ViTConfig (ViT-B/16)
@@ -182,6 +187,11 @@ class ViTConfig:  # defaults: transformers' ViTConfig (ViT-B/16)
     @classmethod
     def tiny(cls):
         return cls(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+
+    @classmethod
+    def toy(cls):  # the toy world's factor classifier backbone (pretrain.py), also its "DINO" in toy runs
+        return cls(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+                   patch_size=8)
 
 # ----------------------------------------------------------------------------- CLIP: vision tower and full model
 
@@ -264,6 +274,10 @@ class CLIPModel(nn.Module):
     def get_image_features(self, pixels):
         """(b, 3, s, s) normalised pixels -> (b, projection_dim)."""
         return self.visual_projection(self.vision_model(pixels, self._ckpt())[1])
+
+    def tokenizer(self) -> CLIPTokenizer:
+        """OpenAI CLIP's vocabulary (SD's too), padded to the text tower's context: 77 (the toy CLIP's: 32)."""
+        return CLIPTokenizer(*shipped_vocab(), max_length=self.config.text.max_position_embeddings)
 
     def get_text_features(self, input_ids):
         """(b, 77) token ids -> (b, projection_dim), from the state at the first EOS."""
@@ -402,3 +416,48 @@ class ViTModel(nn.Module):
 
     def save_pretrained(self, folder, dtype=None) -> None:
         hub.save_model(self, folder, self.config.to_json(), "model.safetensors", dtype)
+
+# ----------------------------------------------------------------------------- the toy world's factor classifier
+
+
+class FactorClassifier(nn.Module):
+    """The toy world's factor classifier (world.py, pretrain.py): a ViT in the DINO layout and one linear head per
+    factor (shape, colour, scene) on its CLS feature. Files: the ViT as `ViTModel.save_pretrained` writes it (so
+    toy runs can pass the folder as their `--dino_model`) and `heads/` (config.json with the label names,
+    model.safetensors with `<factor>.weight/bias`)."""
+
+    def __init__(self, config: ViTConfig, factors: dict[str, list[str]]):
+        super().__init__()
+        self.vit = ViTModel(config)
+        self.factors = {name: list(labels) for name, labels in factors.items()}
+        self.heads = nn.ModuleDict({name: nn.Linear(config.hidden_size, len(labels)) for name, labels in factors.items()})
+
+    def forward(self, pixels) -> dict[str, torch.Tensor]:
+        """(b, 3, s, s) normalised pixels -> {factor: logits (b, labels)}."""
+        feature = self.vit.features(pixels)
+        return {name: head(feature) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: list[Image.Image], batch_size: int = 64) -> dict[str, list[str]]:
+        """PIL images -> {factor: predicted label per image}."""
+        device = next(self.parameters()).device
+        out = {name: [] for name in self.factors}
+        for start in range(0, len(images), batch_size):
+            logits = self(self.vit.preprocess(images[start:start + batch_size]).to(device))
+            for name, labels in self.factors.items():
+                out[name] += [labels[i] for i in logits[name].argmax(-1).tolist()]
+        return out
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu") -> "FactorClassifier":
+        vit = ViTModel.from_pretrained(folder, device=device)
+        factors = hub.read_json(Path(folder) / "heads" / "config.json")["factors"]
+        model = cls(vit.config, factors)
+        model.vit = vit
+        model.heads = hub.load_model(lambda: cls(vit.config, factors).heads, Path(folder) / "heads", ["model"],
+                                     device=device)
+        return model.eval()
+
+    def save_pretrained(self, folder, dtype=None) -> None:
+        self.vit.save_pretrained(folder, dtype)
+        hub.save_model(self.heads, Path(folder) / "heads", {"factors": self.factors}, "model.safetensors", dtype)

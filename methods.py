@@ -31,7 +31,6 @@ from hub import ModelLoadError, looks_like_path
 from image_encoders import CLIPModel, ViTModel
 from losses import clip_text_features, cosine_distance, prototypical_target
 from sample import SDModels
-from text_encoder import CLIPTokenizer
 
 # The CLIP a method's loss uses unless --clip_model says otherwise. ComFusion [ours]: the CLIP-T/CLIP-I scorer's
 # default in eval.py, so it is trained against the family that scores it. Object-driven: T must be SD1's own text
@@ -262,7 +261,7 @@ def comfusion_targets(models: SDModels, encoders: dict, inputs: Inputs, cfg) -> 
     "a photo of {class} {scene}" (L_t's target), computed once."""
     dino, clip = encoders["dino"], encoders["clip"]
     images = [load_image(p) for p, _, _ in inputs.instance]
-    tokenizer = CLIPTokenizer.from_pretrained(None)                    # OpenAI CLIP's vocabulary, as eval.py
+    tokenizer = clip.tokenizer()                                        # OpenAI CLIP's vocabulary, as eval.py
     with torch.no_grad():
         image = dino.features(dino.preprocess(images).to(models.device))
         ids = tokenizer([f"{cfg.class_prompt} {s}" for s in inputs.scenes]).to(models.device)

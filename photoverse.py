@@ -450,7 +450,7 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
     else:
         set_image_condition(models.unet, tokens, gamma, sigma)
     if latents is None:
-        latents = initial_latents(b, height, width, seed)
+        latents = initial_latents(b, height, width, seed, factor=models.vae.factor)
     generator = torch.Generator("cpu").manual_seed(seed)
     z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
                            steps, eta=eta, generator=generator, progress=progress)
@@ -484,7 +484,7 @@ def sample_main(args) -> list[Path]:
     device = default_device() if args.device == "auto" else args.device
     # 2. load once
     models = load_photoverse(args.adapter, model, dtype=DTYPES[args.dtype], device=device)
-    size = models.unet.config.sample_size * 8
+    size = models.unet.config.sample_size * models.vae.factor
     height, width = args.height or size, args.width or size
     check_settings(height, width, args.steps, args.guidance, args.sampler)
     # 3. one latent per image from one seeded generator, then batches (sample.write_images, as sample.main)
@@ -494,4 +494,4 @@ def sample_main(args) -> list[Path]:
                         eta=args.eta, height=height, width=width, latents=latents)
     meta = dict(model=str(model), method="photoverse", adapter=str(args.adapter), face=str(args.face),
                 gamma=args.gamma, sigma=args.sigma, num_words=args.num_words)
-    return write_images(args, prompts, height, width, make_images, meta)
+    return write_images(args, prompts, height, width, make_images, meta, models.vae.factor)

@@ -158,10 +158,11 @@ def guided(unet, cond, uncond, scale: float):
     return model_fn
 
 
-def initial_latents(n: int, height: int, width: int, seed: int, channels: int = 4) -> torch.Tensor:
-    """z_T drawn exactly as diffusers draws it: float32, on the CPU, from one generator seeded once."""
+def initial_latents(n: int, height: int, width: int, seed: int, channels: int = 4, factor: int = 8) -> torch.Tensor:
+    """z_T drawn exactly as diffusers draws it: float32, on the CPU, from one generator seeded once. `factor`:
+    the VAE's downsampling (8 for SD, 4 for the toy world's model)."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((n, channels, height // 8, width // 8), generator=generator, dtype=torch.float32)
+    return torch.randn((n, channels, height // factor, width // factor), generator=generator, dtype=torch.float32)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -182,7 +183,7 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
     cond = encode_prompts(models, prompts)
     uncond = encode_prompts(models, negatives) if guidance > 1.0 else None
     if latents is None:
-        latents = initial_latents(len(prompts), height, width, seed)
+        latents = initial_latents(len(prompts), height, width, seed, factor=models.vae.factor)
     generator = torch.Generator("cpu").manual_seed(seed)  # only DDPM and DDIM with eta > 0 draw more noise
     z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
                            steps, eta=eta, generator=generator, progress=progress)
@@ -296,22 +297,24 @@ def main(argv=None) -> list[Path]:
         load_lora(path / "pytorch_lora_weights.safetensors" if path.is_dir() else path,
                   {"unet": models.unet, "text_encoder": models.text_encoder})
     warn_long_prompts(models.tokenizer, prompts)
-    size = models.unet.config.sample_size * 8
+    size = models.unet.config.sample_size * models.vae.factor
     height, width = args.height or size, args.width or size
     check_settings(height, width, args.steps, args.guidance, args.sampler)
     # 3. one latent per image, all from one seeded generator, then batches
     def make_images(batch, latents, seed):
         return generate(models, batch, args.negative_prompt, seed=seed, steps=args.steps, guidance=args.guidance,
                         sampler=args.sampler, eta=args.eta, height=height, width=width, latents=latents)
-    return write_images(args, prompts, height, width, make_images, {"model": str(args.model), "lora": str(args.lora or "")})
+    return write_images(args, prompts, height, width, make_images, {"model": str(args.model), "lora": str(args.lora or "")},
+                        models.vae.factor)
 
 
-def write_images(args, prompts: list[str], height: int, width: int, make_images, meta: dict) -> list[Path]:
+def write_images(args, prompts: list[str], height: int, width: int, make_images, meta: dict,
+                 factor: int = 8) -> list[Path]:
     """The CLI's batch loop: one initial latent per image, all drawn from one seeded generator (so the batch
     size does not change the images), `make_images(prompts, latents, seed)` per batch of `args.batch_size`, one
     PNG per image with its settings in the PNG text, and a grid. Also used by photoverse.py's CLI."""
     jobs = [p for p in prompts for _ in range(args.num_images)]
-    latents = initial_latents(len(jobs), height, width, args.seed)
+    latents = initial_latents(len(jobs), height, width, args.seed, factor=factor)
     out = Path(args.out)
     paths, images = [], []
     for start in range(0, len(jobs), args.batch_size):

@@ -243,7 +243,9 @@ class CLIPTokenizer:
             added |= {i: s for s, i in hub.read_json(folder / "added_tokens.json").items() if s not in (BOS, EOS)}
         added |= {int(i): t["content"] for i, t in config.get("added_tokens_decoder", {}).items() if not t.get("special")}
         pad = pad_token or config.get("pad_token") or EOS
-        tokenizer = cls(vocab, merges, pad_token=pad["content"] if isinstance(pad, dict) else pad)
+        # model_max_length: 77 in the SD repos (a few old files say 1e30, "no limit": CLIP's 77 then); the toy model 32
+        max_length = min(int(config.get("model_max_length", 77)), 77)
+        tokenizer = cls(vocab, merges, pad_token=pad["content"] if isinstance(pad, dict) else pad, max_length=max_length)
         for i, word in sorted(added.items()):
             if tokenizer.vocab.get(word, tokenizer.vocab_size) != i:
                 raise hub.ModelLoadError(f"tokenizer in '{folder}': added token '{word}' has id {i}, expected "
@@ -309,6 +311,11 @@ class TextEncoderConfig:
     def tiny(cls):  # SD1-like, for tests and CPU runs; the real vocab so the real tokenizer works; an odd
         # MLP width (37) makes a swapped fc1/fc2 shape fail loudly
         return cls(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4)
+
+    @classmethod
+    def toy(cls):  # the toy world's model (pretrain.py): captions are short, so 32 positions instead of 77
+        return cls(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=32)
 
     @classmethod
     def tiny_sd2(cls):  # SD2-like: gelu

@@ -6,7 +6,8 @@
         --class_prompt "a photo of dog" --class_data_dir class_scenes/ --output_dir runs/comfusion
     python train.py --method objectdriven --objects assets/demo/dog_object.json --class_data_dir classes/ \
         --output_dir runs/objectdriven
-    python train.py --demo              # offline: a tiny model and the demo dog in assets/, on a CPU
+    python train.py --method pretrain_sd --output_dir runs/toy      # one stage of the toy model (pretrain.py)
+    python train.py --demo              # offline, on a CPU: DreamBooth on a toy subject with the shipped toy model
 
 Flags are named as in diffusers' examples/dreambooth/train_dreambooth.py wherever the concept is the
 same. The file reads top to bottom as one loop:
@@ -49,7 +50,8 @@ from sample import (DEFAULT_MODEL, SDModels, add_token, default_device, encode_p
                     make_grid, save_models, save_png, write_result_info)
 from single_file import is_single_file, save_single_file
 
-METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse")
+PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_classifier")   # the toy world's model: pretrain.py
+METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse", *PRETRAIN)
 DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # methods.md section 1
               "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -141,13 +143,16 @@ class TrainConfig:
     face_loss_max_timestep: int = 600        # L_face only for t < 600 [ours]
 
 
-DEMO = dict(  # the README's offline main job: the tiny model and the dog in assets/demo, ~25 s on 2 CPU cores
-    pretrained_model_name_or_path="runs/tiny-model", instance_data_dir=str(Path(__file__).parent / "assets/demo/dog"),
-    instance_prompt="a photo of sks dog", class_prompt="a photo of dog", with_prior_preservation=True,
-    class_data_dir="runs/demo/class_images", num_class_images=8, class_sample_steps=10, resolution=64,
-    center_crop=True, random_flip=True, learning_rate=1e-4, max_train_steps=200, checkpointing_steps=100,
-    checkpoints_total_limit=1, validation_prompt="a photo of sks dog", validation_steps=100, sample_steps=20,
-    output_dir="runs/demo", device="cpu")
+TOY = Path(__file__).parent / "assets" / "toy"   # the toy world's pretrained model and subjects (pretrain.py)
+DEMO = dict(  # the README's offline main job: DreamBooth on a toy subject with the shipped toy model, on a CPU
+    pretrained_model_name_or_path=str(TOY / "model"), instance_data_dir=str(TOY / "subjects" / "checkered_star"),
+    instance_prompt="a sks star", class_prompt="a star", with_prior_preservation=True,
+    class_data_dir="runs/demo/class_images", num_class_images=50, class_sample_steps=25, resolution=64,
+    learning_rate=2e-4, max_train_steps=300, train_batch_size=2, checkpointing_steps=100, checkpoints_total_limit=1,
+    validation_prompt="a sks star in the snow", validation_steps=100, sample_steps=25, output_dir="runs/demo",
+    device="cpu")
+DEMO_SCENES = ("in the snow", "at night", "in front of a brick wall", "on a wooden floor")  # none in the 5 photos
+DEMO_GUIDANCE = 4.0          # the toy model's images are best near 4 (benchmarks/bench_toy_world.py)
 
 
 # ----------------------------------------------------------------------------- configuration and checks
@@ -159,8 +164,8 @@ def parse_args(argv=None) -> TrainConfig:
                                                                           "snr_gamma", "lora_alpha") else str)
         if name == "checkpoints_total_limit":
             kind = int
-        if kind is bool:
-            p.add_argument(f"--{name}", action="store_true")
+        if kind is bool:                       # --flag / --no-flag (the demo's defaults can be turned off)
+            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value)
         else:
             p.add_argument(f"--{name}", type=kind, default=value)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -398,6 +403,9 @@ def train(cfg: TrainConfig) -> SDModels:
     if cfg.method == "photoverse":              # adapters pretrained over a face dataset: its own loop
         import photoverse_train
         return photoverse_train.pretrain(cfg)
+    if cfg.method in PRETRAIN:                  # the toy world's model, one stage: pretrain.py's loop
+        import pretrain
+        return pretrain.from_train_config(cfg)
     inputs = check_config(cfg)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
@@ -588,21 +596,32 @@ def train(cfg: TrainConfig) -> SDModels:
 
 def main(argv=None) -> Path:
     cfg = parse_args(argv)
-    if cfg.demo:
-        from tiny import make_tiny_model
-        make_tiny_model(cfg.pretrained_model_name_or_path)
-        print("demo: a tiny model with RANDOM weights (it shows the pipeline runs and the loss falls, not a real "
-              "subject; see README)")
     train(cfg)
     out = Path(cfg.output_dir)
     if cfg.demo:
-        from sample import main as sample_main
-        prompts = ["a photo of sks dog", "a photo of sks dog on the beach", "a photo of dog"]
-        sample_main(["--model", str(out), "--out", str(out / "samples"), "--num_images", "4", "--steps", "20",
-                     "--device", "cpu"] + [x for p in prompts for x in ("--prompt", p)])
-        print(f"demo images: {out / 'samples' / 'grid.png'} (rows: {'; '.join(prompts)}), "
-              f"validation grids in {out / 'validation'}")
+        demo_report(cfg, out)
     return out
+
+
+def demo_report(cfg: TrainConfig, out: Path) -> dict:
+    """The demo's images and metrics: the subject in scenes its photos never show, and the class prompt, scored
+    with the toy world's CLIP (subject similarity, prompt alignment) and factor classifier (scene accuracy)."""
+    import eval as evaluate
+    from sample import main as sample_main
+    prompts = [f"{cfg.instance_prompt} {s}" for s in DEMO_SCENES] + [f"{cfg.class_prompt} {s}" for s in DEMO_SCENES[:2]]
+    sample_main(["--model", str(out), "--out", str(out / "samples"), "--num_images", "4", "--steps", "25",
+                 "--guidance", str(DEMO_GUIDANCE), "--device", cfg.device] + [x for p in prompts for x in ("--prompt", p)])
+    metrics = evaluate.main(["--images", str(out / "samples"), "--reference", cfg.instance_data_dir,
+                             "--clip_model", str(TOY / "clip"), "--dino_model", str(TOY / "classifier"),
+                             "--classifier", str(TOY / "classifier"), "--identifier", cfg.identifier,
+                             "--out", str(out / "eval"), "--device", cfg.device])
+    print(f"\n{'prompt':<42} {'subject sim':>11} {'prompt align':>12} {'scene acc':>9}")
+    for row in metrics["prompts"]:
+        print(f"{row['prompt']:<42} {row['clip_i']:>11.3f} {row['clip_t']:>12.3f} {row.get('scene_acc', float('nan')):>9.2f}")
+    print(f"\nsubject similarity = toy-CLIP cosine to the subject's photos; prompt alignment = toy-CLIP cosine to the "
+          f"prompt without '{cfg.identifier}'; scene accuracy = the factor classifier's.\nimages: {out / 'samples' / 'grid.png'} "
+          f"(a row per prompt), metrics: {out / 'eval' / 'metrics.json'}")
+    return metrics
 
 
 if __name__ == "__main__":

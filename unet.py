@@ -364,6 +364,13 @@ class UNetConfig:
                    use_linear_projection=True, layers_per_block=1, norm_num_groups=8, sample_size=16)
 
 
+    @classmethod
+    def toy(cls):  # the toy world's model (pretrain.py): 16x16 latents, cross-attention at 8x8 and 4x4 only (a
+        # 16x16 attention layer tripled the CPU step time)
+        return cls(block_out_channels=(32, 64, 128), cross_attn=(False, True, True), num_heads=(4, 4, 4),
+                   cross_attention_dim=64, layers_per_block=1, norm_num_groups=16, sample_size=16)
+
+
 PRESETS = {"sd15": UNetConfig.sd15(), "sd21": UNetConfig.sd21(), "tiny": UNetConfig.tiny(), "tiny_sd2": UNetConfig.tiny_sd2()}
 
 # ----------------------------------------------------------------------------- the model

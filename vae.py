@@ -265,6 +265,10 @@ class VAEConfig:
         return PRESETS["tiny"]
 
     @classmethod
+    def toy(cls) -> "VAEConfig":
+        return PRESETS["toy"]
+
+    @classmethod
     def from_json(cls, d: dict) -> "VAEConfig":
         """From a diffusers `vae/config.json` dict; missing keys take the defaults above."""
         levels = len(d.get("block_out_channels", cls.block_out_channels))
@@ -295,6 +299,9 @@ PRESETS = {
     "sd21": VAEConfig(sample_size=768),
     # Four levels like SD (downsampling factor 8, so latents are (b, 4, H/8, W/8)) with tiny widths, for tests.
     "tiny": VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    # The toy world's VAE (pretrain.py): three levels, so 64 px images -> (b, 4, 16, 16) latents (factor 4). Its
+    # scaling_factor is measured after training (1 / std of the latents, as LDM chose 0.18215).
+    "toy": VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64),
 }
 
 
@@ -314,6 +321,11 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.gradient_checkpointing = False
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent side: each level but the last halves the image (8 for SD; diffusers' vae_scale_factor)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x, self.gradient_checkpointing)))

@@ -1,0 +1,369 @@
+"""Pretrain nanobooth's toy model on the procedural world (world.py), with nanobooth's own models and loop.
+
+    python pretrain.py                       # all four stages -> assets/toy/ (the shipped checkpoint)
+    python train.py --method pretrain_sd     # one stage, the same code (see train.py)
+
+Stages, in order (each reads the ones before it):
+1. `vae`: SD's autoencoder (vae.py, VAEConfig.toy: 64 px -> 4 x 16 x 16) with LDM's objective minus its
+   perceptual and GAN terms: L1 reconstruction + 1e-6 KL (Rombach et al. 2022, the KL-f8 weight), on random
+   32 px crops (the autoencoder is convolutional; a quarter of the pixels per sample). Afterwards the latent
+   scaling factor is measured as 1 / std of the latents, as LDM chose 0.18215.
+2. `sd`: the UNet (UNetConfig.toy) and the CLIP text encoder (TextEncoderConfig.toy, the real tokenizer and
+   vocabulary, 32 positions) trained together from scratch on the captions: epsilon prediction on SD's noise
+   schedule, min-SNR-5 weights (Hang et al. 2023) to converge faster, 10% empty captions so classifier-free
+   guidance works (Ho & Salimans 2022), and an EMA of the weights (decay 0.999) that is what we ship.
+3. `clip`: a CLIP (image_encoders.CLIPConfig.toy) trained contrastively (Radford et al. 2021), the symmetric
+   InfoNCE loss with a learned temperature; pairs with the same caption count as matches. It is the toy runs'
+   CLIP: CLIP-I / CLIP-T in eval.py and the CLIP in ComFusion's and the object-driven method's losses.
+4. `classifier`: image_encoders.FactorClassifier (a ViT + three heads) trained with cross-entropy on the
+   shape, colour and scene of one-object images; the factor-accuracy metric of eval.py, and its ViT is the
+   toy runs' "DINO".
+
+All stages share one loop (`run_stage`): AdamW, linear warmup then cosine decay, gradient clipping at 1,
+an optional EMA, atomic checkpoints in the work folder and resume from the newest one, logs.jsonl and a
+progress bar. Data is a pool of world images drawn once from the seed (cached in the work folder); each
+step's batch is drawn from a generator seeded by (seed, stage, step), so a resumed run is the same run.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import checkpoint
+import world
+from hub import atomic_write
+from image_encoders import CLIPConfig, CLIPModel, FactorClassifier, ViTConfig
+from losses import min_snr_weights, weighted_mse
+from sample import SDModels, generate, load_models, make_grid, save_models
+from schedulers import NoiseSchedule
+from text_encoder import CLIPTextModel, CLIPTokenizer, TextEncoderConfig, shipped_vocab
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+
+STAGES = ("vae", "sd", "clip", "classifier")
+DEFAULTS = {  # steps, batch size, peak learning rate, EMA decay: chosen to fit a 2-core CPU in about an hour
+    "vae": (2000, 32, 1e-3, None),
+    "sd": (4000, 48, 5e-4, 0.999),
+    "clip": (1500, 64, 5e-4, None),
+    "classifier": (1000, 64, 5e-4, None),
+}
+SHIP_DTYPE = torch.float16   # results are stored in half precision (half the size in git); they load as float32
+FACTORS = {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "scene": list(world.SCENES)}
+
+
+@dataclass
+class PretrainConfig:
+    stage: str = "all"                      # one of STAGES, or "all" (in order)
+    output_dir: str = "assets/toy"          # results: model/ (diffusers layout), clip/, classifier/, pretrain.json
+    work_dir: str = "runs/pretrain"         # the image pool, checkpoints and logs of each stage
+    seed: int = 0
+    pool_size: int = 30000                  # world images drawn once and shared by the stages
+    max_train_steps: int | None = None      # None: the stage's default (DEFAULTS); with --stage all, see steps_scale
+    train_batch_size: int | None = None
+    learning_rate: float | None = None
+    steps_scale: float = 1.0                # multiplies every default step count (tests run the stages tiny)
+    warmup_steps: int = 100
+    checkpointing_steps: int = 500
+    threads: int | None = None              # torch CPU threads (None: torch's default)
+
+
+def parse_args(argv=None) -> PretrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in asdict(PretrainConfig()).items():
+        kind = {"max_train_steps": int, "train_batch_size": int, "learning_rate": float, "threads": int}.get(name, type(value))
+        p.add_argument(f"--{name}", type=kind, default=value)
+    cfg = PretrainConfig(**vars(p.parse_args(argv)))
+    if cfg.stage not in (*STAGES, "all"):
+        raise SystemExit(f"--stage must be one of {', '.join(STAGES)} or all, got '{cfg.stage}'")
+    if cfg.stage == "all" and (cfg.max_train_steps or cfg.train_batch_size or cfg.learning_rate):
+        raise SystemExit("--max_train_steps/--train_batch_size/--learning_rate set one stage: give --stage too "
+                         "(--steps_scale shortens all of them)")
+    return cfg
+
+# ----------------------------------------------------------------------------- the world image pool
+
+
+def _pool_chunk(args):
+    seed, start, n = args
+    images, captions, factors = world.batch(seed, start, n)
+    labels = [[FACTORS[k].index(f["objects"][0].shape if k == "shape" else f["objects"][0].colour if k == "colour"
+                                else f["scene"]) if len(f["objects"]) == 1 else -1 for k in FACTORS] for f in factors]
+    return images, captions, labels
+
+
+def world_pool(seed: int, n: int, work_dir: Path) -> dict:
+    """Images 0..n-1 of the world stream `seed`: uint8 (n, 64, 64, 3), captions, and (n, 3) labels of shape,
+    colour, scene (-1 for two-object images). Drawn on every core once, then read from the work folder."""
+    path = work_dir / f"pool-seed{seed}-n{n}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return {"images": data["images"], "captions": list(data["captions"]), "labels": data["labels"]}
+    chunks = [(seed, s, min(1000, n - s)) for s in range(0, n, 1000)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as ex:
+        parts = list(tqdm(ex.map(_pool_chunk, chunks), total=len(chunks), desc="world pool", unit="k images"))
+    pool = {"images": np.concatenate([p[0] for p in parts]), "captions": [c for p in parts for c in p[1]],
+            "labels": np.array([lab for p in parts for lab in p[2]], dtype=np.int64)}
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, images=pool["images"], captions=np.array(pool["captions"]), labels=pool["labels"])
+    atomic_write(path, save)
+    return pool
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (b, h, w, 3) -> float32 (b, 3, h, w) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+# ----------------------------------------------------------------------------- the stages
+
+
+@dataclass
+class Stage:
+    model: torch.nn.Module      # everything this stage trains
+    batch: object               # batch(generator, size) -> dict
+    loss: object                # loss(batch) -> (loss, {name: float})
+    write: object               # write(model, folder): the stage's result files
+
+
+def vae_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
+    vae = VAE(VAEConfig.toy())
+
+    def batch(g, b):
+        idx = torch.randint(len(pool["images"]), (b,), generator=g).numpy()
+        top, left = torch.randint(0, 33, (2,), generator=g).tolist()    # one 32 px crop position per batch
+        return {"x": to_tensor(pool["images"][idx, top:top + 32, left:left + 32]), "g": g}
+
+    def loss(b):
+        posterior = vae.encode(b["x"])
+        x_hat = vae.decode(posterior.sample(b["g"]))
+        rec, kl = (x_hat - b["x"]).abs().mean(), posterior.kl().mean()
+        return rec + 1e-6 * kl, {"l1": rec.item(), "kl": kl.item()}
+
+    def write(model, folder):
+        with torch.no_grad():   # LDM's scale factor: 1 / std of the latents, over 1024 pool images
+            z = torch.cat([model.encode(to_tensor(pool["images"][i:i + 256])).mean for i in range(0, 1024, 256)])
+        scaled = VAE(VAEConfig(**{**asdict(model.config), "scaling_factor": round(1 / z.std().item(), 5)}))
+        scaled.load_state_dict(model.state_dict())
+        scaled.save_pretrained(folder / "model" / "vae", SHIP_DTYPE)
+    return Stage(vae, batch, loss, write)
+
+
+def sd_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
+    if not (out / "model" / "vae" / "config.json").is_file():
+        raise ValueError(f"the sd stage encodes with the VAE of the vae stage, and '{out / 'model' / 'vae'}' has none: "
+                         f"run --stage vae (train.py: --method pretrain_vae) into the same output folder first")
+    vae = VAE.from_pretrained(out / "model", subfolder="vae")
+    tokenizer = CLIPTokenizer(*shipped_vocab(), max_length=TextEncoderConfig.toy().max_position_embeddings)
+    schedule = NoiseSchedule.sd()
+    model = torch.nn.ModuleDict({"unet": UNet(UNetConfig.toy()), "text_encoder": CLIPTextModel(TextEncoderConfig.toy())})
+    s = vae.config.scaling_factor
+    with torch.no_grad():      # every pool image encoded once: the posterior's mean and std, scaled
+        moments = [vae.encode(to_tensor(pool["images"][i:i + 500])) for i in tqdm(range(0, len(pool["images"]), 500),
+                                                                                 desc="encoding the pool", unit="batch")]
+        mean, std = torch.cat([m.mean for m in moments]) * s, torch.cat([m.std for m in moments]) * s
+    ids, empty = tokenizer(pool["captions"]), tokenizer([""])[0]
+
+    def batch(g, b):
+        idx = torch.randint(len(mean), (b,), generator=g)
+        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        caption_ids = torch.where((torch.rand(b, generator=g) < 0.1)[:, None], empty, ids[idx])   # CFG dropout
+        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
+        return {"z0": z0, "ids": caption_ids, "t": t, "noise": torch.randn(z0.shape, generator=g)}
+
+    def loss(b):
+        x_t = schedule.add_noise(b["z0"], b["noise"], b["t"])
+        pred = model["unet"](x_t, b["t"], model["text_encoder"](b["ids"])[0])
+        mse = weighted_mse(pred, b["noise"], min_snr_weights(schedule, b["t"], 5.0))
+        return mse, {"mse": mse.item()}
+
+    def write(m, folder):
+        save_models(SDModels(tokenizer, m["text_encoder"], m["unet"], vae, schedule), folder / "model", SHIP_DTYPE)
+    return Stage(model, batch, loss, write)
+
+
+def clip_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
+    clip = CLIPModel(CLIPConfig.toy())
+    tokenizer = clip.tokenizer()
+    ids = tokenizer(pool["captions"])
+
+    def batch(g, b):
+        idx = torch.randint(len(ids), (b,), generator=g)
+        return {"x": to_tensor(pool["images"][idx.numpy()]), "ids": ids[idx]}
+
+    def loss(b):
+        image = F.normalize(clip.get_image_features(clip.preprocess.tensor(b["x"])), dim=-1)
+        text = F.normalize(clip.get_text_features(b["ids"]), dim=-1)
+        logits = image @ text.T * clip.logit_scale.clamp(max=math.log(100)).exp()   # CLIP caps the scale at 100
+        same = (b["ids"][:, None] == b["ids"][None]).all(-1).float()                # equal captions are matches
+        target = same / same.sum(-1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        accuracy = (logits.argmax(-1) == torch.arange(len(logits))).float().mean()
+        return loss, {"infonce": loss.item(), "top1": accuracy.item()}
+
+    def write(m, folder):
+        m.save_pretrained(folder / "clip", SHIP_DTYPE)
+    return Stage(clip, batch, loss, write)
+
+
+def classifier_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
+    classifier = FactorClassifier(ViTConfig.toy(), FACTORS)
+    single = np.flatnonzero(pool["labels"][:, 0] >= 0)
+
+    def batch(g, b):
+        idx = single[torch.randint(len(single), (b,), generator=g).numpy()]
+        return {"x": to_tensor(pool["images"][idx]), "labels": torch.from_numpy(pool["labels"][idx])}
+
+    def loss(b):
+        logits = classifier(classifier.vit.preprocess.tensor(b["x"]))
+        losses = {k: F.cross_entropy(logits[k], b["labels"][:, i]) for i, k in enumerate(FACTORS)}
+        logs = {f"acc_{k}": (logits[k].argmax(-1) == b["labels"][:, i]).float().mean().item() for i, k in enumerate(FACTORS)}
+        return sum(losses.values()), logs
+
+    def write(m, folder):
+        m.save_pretrained(folder / "classifier", SHIP_DTYPE)
+    return Stage(classifier, batch, loss, write)
+
+
+BUILD = {"vae": vae_stage, "sd": sd_stage, "clip": clip_stage, "classifier": classifier_stage}
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def stage_settings(cfg: PretrainConfig, name: str) -> tuple[int, int, float, float | None]:
+    steps, batch, lr, ema = DEFAULTS[name]
+    return (cfg.max_train_steps or max(1, round(steps * cfg.steps_scale)), cfg.train_batch_size or batch,
+            cfg.learning_rate or lr, ema)
+
+
+def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
+    """Train one stage (resuming from its newest checkpoint) and write its result into cfg.output_dir."""
+    out, work = Path(cfg.output_dir), Path(cfg.work_dir) / name
+    steps, batch_size, lr, ema_decay = stage_settings(cfg, name)
+    torch.manual_seed(cfg.seed)                                   # initial weights
+    stage = BUILD[name](cfg, pool, out)
+    model = stage.model.train()
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = min(cfg.warmup_steps, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup))
+                                                 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    step, seconds = 0, 0.0
+    if (latest := checkpoint.latest_checkpoint(work)) is not None:
+        state = checkpoint.load_state(latest)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, seconds = state["step"], state["seconds"]
+        print(f"{name}: resuming from {latest}")
+
+    bar = tqdm(total=steps, initial=step, desc=f"pretrain {name}", unit="step")
+    t0, logs = time.time() - seconds, {}
+    while step < steps:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + STAGES.index(name) * 100_003 + step)
+        loss, logs = stage.loss(stage.batch(g, batch_size))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:                                       # EMA with a warmup, as diffusers' EMAModel
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+        if step % 50 == 0 or step == steps:
+            work.mkdir(parents=True, exist_ok=True)
+            with open(work / "logs.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "lr": schedule.get_last_lr()[0], **logs}) + "\n")
+        if step % cfg.checkpointing_steps == 0 and step < steps:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "seconds": time.time() - t0, **({"ema": ema.state_dict()} if ema is not None else {})}
+            checkpoint.save_checkpoint(work, step, lambda folder: stage.write(ema or model, folder), state, total_limit=1)
+    bar.close()
+    seconds = time.time() - t0
+    stage.write((ema or model).eval(), out)
+    return {"steps": steps, "batch_size": batch_size, "learning_rate": lr, "ema": ema_decay, "seconds": round(seconds),
+            "final": {k: round(v, 4) for k, v in logs.items()}}
+
+
+def write_subjects(out: Path, n: int = 5) -> None:
+    """The demo subjects (world.NOVEL_SUBJECTS, patterns pretraining never shows): n images each, for DreamBooth."""
+    for name in world.NOVEL_SUBJECTS:
+        for i, image in enumerate(world.novel_subject(name, n)):
+            atomic_write(out / "subjects" / name / f"{i:02d}.png", lambda p, im=image: im.save(p, format="png"))
+
+
+def write_samples(out: Path, seed: int = 0) -> None:
+    """A grid of the model's images for 16 of the factor-accuracy prompts, to look at."""
+    models = load_models(out / "model")
+    prompts = [p for p, _ in world.eval_prompts(16, seed)]
+    images = generate(models, prompts, seed=seed, steps=25, guidance=4.0, height=64, width=64, progress=False)
+    make_grid(images, cols=8).resize((8 * 128, 2 * 128), Image.NEAREST).save(out / "samples.png")
+    atomic_write(out / "samples.txt", lambda p: p.write_text("\n".join(prompts) + "\n"))
+
+
+def from_train_config(cfg) -> dict:
+    """`train.py --method pretrain_<stage>`: that stage into --output_dir (work files in OUTPUT/pretrain-work);
+    --seed and --checkpointing_steps apply, and --max_train_steps, --train_batch_size, --learning_rate when given."""
+    defaults = type(cfg)()
+    argv = ["--stage", cfg.method.removeprefix("pretrain_"), "--output_dir", cfg.output_dir,
+            "--work_dir", str(Path(cfg.output_dir) / "pretrain-work"), "--seed", str(cfg.seed),
+            "--checkpointing_steps", str(cfg.checkpointing_steps)]
+    for name in ("max_train_steps", "train_batch_size", "learning_rate"):
+        if getattr(cfg, name) != getattr(defaults, name):
+            argv += [f"--{name}", str(getattr(cfg, name))]
+    return main(argv)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out, work = Path(cfg.output_dir), Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    pool = world_pool(cfg.seed, cfg.pool_size, work)
+    info_path = out / "pretrain.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info.update({"command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                 "seed": cfg.seed, "pool_size": cfg.pool_size,
+                 "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                             f"{torch.get_num_threads()} threads"})
+    info.setdefault("stages", {})
+    write_subjects(out)
+    for name in STAGES if cfg.stage == "all" else (cfg.stage,):
+        if cfg.stage == "all" and (work / name / "DONE").is_file():
+            print(f"{name}: done in an earlier run of this work folder, kept")
+            continue
+        info["stages"][name] = run_stage(name, cfg, pool)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(info_path, lambda p: p.write_text(json.dumps(info, indent=2)))
+        for old in checkpoint.checkpoints(work / name):           # the stage is done: its checkpoints are not needed
+            shutil.rmtree(old)
+        (work / name / "DONE").touch()
+        if name == "sd":
+            write_samples(out, cfg.seed)
+    print(json.dumps(info, indent=2))
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""pretrain.py: every stage runs tiny end to end and writes files the rest of nanobooth loads; a short run
+learns; a run killed after its first checkpoint and rerun is the uninterrupted run; bad arguments fail early."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import pretrain
+import world
+from helpers import killed_after_first_checkpoint
+from image_encoders import CLIPModel, FactorClassifier, ViTConfig, ViTModel
+from sample import generate, load_models
+from vae import VAE, VAEConfig
+
+POOL = ["--pool_size", "300"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the stages are tiny, and the tests share a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """All four stages at 0.1% of their default steps (2, 4, 2 and 1 steps)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    info = pretrain.main(["--output_dir", str(root / "out"), "--work_dir", str(root / "work"), *POOL,
+                          "--steps_scale", "0.001"])
+    return root / "out", root / "work", info
+
+
+def assert_same_weights(a, b):
+    """Every safetensors file under folders `a` and `b` holds the same tensors."""
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*.safetensors"))
+    assert files and files == sorted(str(p.relative_to(b)) for p in b.rglob("*.safetensors"))
+    for name in files:
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+# ----------------------------------------------------------------------------- all stages, tiny
+
+
+def test_all_stages_write_loadable_results(pretrained):
+    out, work, info = pretrained
+    assert set(info["stages"]) == set(pretrain.STAGES)
+    assert json.loads((out / "pretrain.json").read_text())["stages"] == info["stages"]
+    assert [info["stages"][s]["steps"] for s in pretrain.STAGES] == [2, 4, 2, 1]
+    assert all((work / s / "DONE").is_file() and not list((work / s).glob("checkpoint-*")) for s in pretrain.STAGES)
+    assert (out / "samples.png").is_file()
+
+    models = load_models(out / "model")
+    assert models.vae.factor == 4 and models.tokenizer.max_length == 32
+    images = generate(models, ["a red star on the beach", "a blue ring"], steps=2, guidance=3.0, height=64, width=64,
+                      progress=False)
+    assert [im.size for im in images] == [(64, 64)] * 2
+
+    clip = CLIPModel.from_pretrained(out / "clip")
+    with torch.no_grad():
+        text = clip.get_text_features(clip.tokenizer()(["a red star"]))
+        image = clip.get_image_features(clip.preprocess([world.sample(1, 0)[0]]))
+    assert text.shape == image.shape == (1, clip.config.projection_dim)
+
+    classifier = FactorClassifier.from_pretrained(out / "classifier")
+    assert classifier.factors == pretrain.FACTORS
+    predicted = classifier.predict([world.sample(1, i)[0] for i in range(3)])
+    assert all(len(predicted[k]) == 3 and set(predicted[k]) <= set(labels) for k, labels in pretrain.FACTORS.items())
+    vit = ViTModel.from_pretrained(out / "classifier")
+    assert vit.config == ViTConfig.toy()
+
+
+def test_vae_scaling_factor_is_measured(pretrained):
+    """1 / std of the pool's latent means (LDM's rule), not SD's 0.18215."""
+    out, work, _ = pretrained
+    vae = VAE.from_pretrained(out / "model", subfolder="vae")
+    assert vae.config.scaling_factor != VAEConfig().scaling_factor
+    images = np.load(next(work.glob("pool-seed0-n300.npz")))["images"]
+    with torch.no_grad():
+        std = vae.encode(pretrain.to_tensor(images)).mean.std().item()
+    assert vae.config.scaling_factor == pytest.approx(1 / std, rel=0.02)
+
+# ----------------------------------------------------------------------------- learning and resuming
+
+
+def classifier_run(out, work, *extra):
+    """The classifier stage alone: 40 steps of 16 images, a checkpoint at step 20."""
+    return pretrain.main(["--stage", "classifier", "--output_dir", str(out), "--work_dir", str(work), *POOL,
+                          "--max_train_steps", "40", "--train_batch_size", "16", "--checkpointing_steps", "20", *extra])
+
+
+def held_out_loss(classifier, n=64):
+    """Cross-entropy summed over the factors, on single-object images of a stream the pool is not drawn from."""
+    rows = [r for r in (world.sample(1, i) for i in range(n + 20)) if len(r[2]["objects"]) == 1][:n]
+    labels = torch.tensor([[pretrain.FACTORS["shape"].index(f["objects"][0].shape),
+                            pretrain.FACTORS["colour"].index(f["objects"][0].colour),
+                            pretrain.FACTORS["scene"].index(f["scene"])] for _, _, f in rows])
+    with torch.no_grad():
+        logits = classifier(classifier.vit.preprocess([im for im, _, _ in rows]))
+    return sum(F.cross_entropy(logits[k], labels[:, i]).item() for i, k in enumerate(pretrain.FACTORS))
+
+
+@pytest.fixture(scope="module")
+def classifier_uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classifier")
+    info = classifier_run(root / "out", root / "work")
+    return root / "out", root / "work", info
+
+
+def test_short_run_learns(classifier_uninterrupted):
+    out, work, info = classifier_uninterrupted
+    torch.manual_seed(0)                                   # run_stage's initial weights
+    initial = FactorClassifier(ViTConfig.toy(), pretrain.FACTORS).eval()
+    trained = FactorClassifier.from_pretrained(out / "classifier")
+    assert held_out_loss(trained) < 0.8 * held_out_loss(initial)
+    logs = [json.loads(line) for line in (work / "classifier" / "logs.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 40 and logs[-1]["acc_scene"] > 0.5         # chance: 1/8
+    assert info["stages"]["classifier"]["final"] == {k: round(v, 4) for k, v in logs[-1].items() if k.startswith("acc")}
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(classifier_uninterrupted, tmp_path, monkeypatch, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    pool = next(classifier_uninterrupted[1].glob("pool-*.npz"))
+    shutil.copy(pool, work / pool.name)                                      # the same pool, not drawn again
+    killed_after_first_checkpoint(monkeypatch, lambda: classifier_run(out, work))
+    assert [p.name for p in (work / "classifier").glob("checkpoint-*")] == ["checkpoint-20"]
+    assert not (out / "classifier").exists()
+    capsys.readouterr()
+    info = classifier_run(out, work)
+    assert "classifier: resuming from" in capsys.readouterr().out           # not a fresh run that happens to agree
+    assert_same_weights(out / "classifier", classifier_uninterrupted[0] / "classifier")
+    expected = classifier_uninterrupted[2]["stages"]["classifier"]
+    assert info["stages"]["classifier"]["final"] == expected["final"]
+
+
+def test_sd_stage_resumes_with_its_ema(pretrained, tmp_path, monkeypatch, capsys):
+    """The stage with an EMA (what it ships): 4 steps of 4 captions, a checkpoint at step 2, on the tiny run's VAE."""
+    monkeypatch.setattr(pretrain, "write_samples", lambda out, seed=0: None)     # not what this test is about
+
+    def run(name):
+        out, work = tmp_path / name / "out", tmp_path / name / "work"
+        if not work.exists():
+            shutil.copytree(pretrained[0] / "model" / "vae", out / "model" / "vae")
+            work.mkdir()
+            shutil.copy(pretrained[1] / "pool-seed0-n300.npz", work)
+        pretrain.main(["--stage", "sd", "--output_dir", str(out), "--work_dir", str(work), *POOL,
+                       "--max_train_steps", "4", "--train_batch_size", "4", "--checkpointing_steps", "2"])
+    run("uninterrupted")
+    killed_after_first_checkpoint(monkeypatch, lambda: run("resumed"))
+    capsys.readouterr()
+    run("resumed")
+    assert "sd: resuming from" in capsys.readouterr().out
+    assert_same_weights(tmp_path / "resumed" / "out" / "model", tmp_path / "uninterrupted" / "out" / "model")
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_bad_arguments_fail_early():
+    with pytest.raises(SystemExit, match="--stage must be one of vae, sd, clip, classifier or all"):
+        pretrain.parse_args(["--stage", "unet"])
+    with pytest.raises(SystemExit, match="give --stage too"):
+        pretrain.parse_args(["--max_train_steps", "5"])
+    with pytest.raises(SystemExit, match="give --stage too"):
+        pretrain.parse_args(["--stage", "all", "--train_batch_size", "8"])
+    assert pretrain.parse_args(["--stage", "sd", "--max_train_steps", "5"]).max_train_steps == 5

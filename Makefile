@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test setup setup-test clean
+.PHONY: demo test setup setup-test clean toy-model
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# Rebuild assets/toy (the shipped toy model) from scratch, exactly as it was made: the five stages, then second
+# rounds of the VAE decoder, the factor classifier and the SD UNet + text encoder (times in assets/toy/pretrain.json)
+toy-model: $(VENV)/.runtime
+	$(PY) pretrain.py
+	$(PY) pretrain.py --stage vae --init_from assets/toy/model --max_train_steps 2000 --train_batch_size 16
+	$(PY) pretrain.py --stage classifier --init_from assets/toy/classifier --max_train_steps 2000 --learning_rate 5e-4
+	$(PY) pretrain.py --stage sd --init_from assets/toy/model --max_train_steps 1500 --learning_rate 2e-4
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,7 +27,7 @@ scene its prompt names (`prompt_factors`: "a red sks star on the beach" -> red, 
 images whose prompts name that factor:
 
     python eval.py --model runs/toy-star --dataset toy_subjects/ --clip_model assets/toy/clip \
-        --dino_model assets/toy/classifier --classifier assets/toy/classifier --steps 25 --guidance 4
+        --dino_model assets/toy/dino --classifier assets/toy/classifier --steps 25 --guidance 4
 
 Outputs in --out: metrics.json (the scores, per-subject and per-prompt rows, the backbones), metrics.csv (one
 row per image) and contact_sheet.png (per subject: its real photos, then some of the generated images).
@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw, ImageOps
 import world
 from data import IMAGE_SUFFIXES, load_image
 from face_encoder import IResNet
-from hub import ModelLoadError, atomic_write, looks_like_path
+from hub import ModelLoadError, atomic_write, looks_like_path, read_json
 from image_encoders import CLIPModel, FactorClassifier, ViTModel
 from sample import check_settings, default_device, generate, initial_latents, load_trained, make_grid, save_png
 
@@ -413,8 +413,9 @@ def check_model_arg(flag: str, name) -> None:
 
 
 def check_classifier_arg(folder) -> None:
-    if folder and not (Path(folder).expanduser() / "heads" / "config.json").is_file():
-        raise ModelLoadError(f"--classifier '{folder}' is not a factor classifier folder (a ViT and heads/config.json, "
+    config = Path(folder or "").expanduser() / "config.json"
+    if folder and not (config.is_file() and "factors" in read_json(config)):
+        raise ModelLoadError(f"--classifier '{folder}' is not a factor classifier folder (config.json with its factors, "
                              f"as pretrain.py writes assets/toy/classifier)")
 
 

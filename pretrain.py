@@ -1,6 +1,6 @@
 """Pretrain nanobooth's toy model on the procedural world (world.py), with nanobooth's own models and loop.
 
-    python pretrain.py                       # all four stages -> assets/toy/ (the shipped checkpoint)
+    python pretrain.py                       # all five stages -> assets/toy/ (the shipped checkpoint)
     python train.py --method pretrain_sd     # one stage, the same code (see train.py)
 
 Stages, in order (each reads the ones before it):
@@ -15,9 +15,11 @@ Stages, in order (each reads the ones before it):
 3. `clip`: a CLIP (image_encoders.CLIPConfig.toy) trained contrastively (Radford et al. 2021), the symmetric
    InfoNCE loss with a learned temperature; pairs with the same caption count as matches. It is the toy runs'
    CLIP: CLIP-I / CLIP-T in eval.py and the CLIP in ComFusion's and the object-driven method's losses.
-4. `classifier`: image_encoders.FactorClassifier (a ViT + three heads) trained with cross-entropy on the
-   shape, colour and scene of one-object images; the factor-accuracy metric of eval.py, and its ViT is the
-   toy runs' "DINO".
+4. `dino`: a ViT in DINO's layout (image_encoders.ViTModel, ViTConfig.toy) supervised on the shape, colour and
+   scene of one-object images through linear heads on its CLS token (the heads are not kept): the toy runs'
+   stand-in for DINO (eval.py's DINO score, ComFusion's L_v). Not DINO's self-distillation: our choice.
+5. `classifier`: image_encoders.FactorClassifier (a small CNN + three heads), cross-entropy on the same labels:
+   the factor-accuracy metric of eval.py (--classifier).
 
 All stages share one loop (`run_stage`): AdamW, linear warmup then cosine decay, gradient clipping at 1,
 an optional EMA, atomic checkpoints in the work folder and resume from the newest one, logs.jsonl and a
@@ -46,7 +48,7 @@ from tqdm import tqdm
 import checkpoint
 import world
 from hub import atomic_write
-from image_encoders import CLIPConfig, CLIPModel, FactorClassifier, ViTConfig
+from image_encoders import CLIPConfig, CLIPModel, FactorClassifier, FactorClassifierConfig, ViTConfig, ViTModel
 from losses import min_snr_weights, weighted_mse
 from sample import SDModels, generate, load_models, make_grid, save_models
 from schedulers import NoiseSchedule
@@ -54,12 +56,13 @@ from text_encoder import CLIPTextModel, CLIPTokenizer, TextEncoderConfig, shippe
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
-STAGES = ("vae", "sd", "clip", "classifier")
+STAGES = ("vae", "sd", "clip", "dino", "classifier")
 DEFAULTS = {  # steps, batch size, peak learning rate, EMA decay: chosen to fit a 2-core CPU in about an hour
     "vae": (2000, 32, 1e-3, None),
     "sd": (4000, 48, 5e-4, 0.999),
     "clip": (1500, 64, 5e-4, None),
-    "classifier": (1000, 64, 5e-4, None),
+    "dino": (1000, 64, 5e-4, None),
+    "classifier": (1500, 64, 1e-3, None),
 }
 SHIP_DTYPE = torch.float16   # results are stored in half precision (half the size in git); they load as float32
 FACTORS = {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "scene": list(world.SCENES)}
@@ -79,12 +82,14 @@ class PretrainConfig:
     warmup_steps: int = 100
     checkpointing_steps: int = 500
     threads: int | None = None              # torch CPU threads (None: torch's default)
+    init_from: str | None = None            # a second round from this result: vae (decoder only), sd, classifier
 
 
 def parse_args(argv=None) -> PretrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(PretrainConfig()).items():
-        kind = {"max_train_steps": int, "train_batch_size": int, "learning_rate": float, "threads": int}.get(name, type(value))
+        kind = {"max_train_steps": int, "train_batch_size": int, "learning_rate": float, "threads": int,
+                "init_from": str}.get(name, type(value))
         p.add_argument(f"--{name}", type=kind, default=value)
     cfg = PretrainConfig(**vars(p.parse_args(argv)))
     if cfg.stage not in (*STAGES, "all"):
@@ -92,6 +97,12 @@ def parse_args(argv=None) -> PretrainConfig:
     if cfg.stage == "all" and (cfg.max_train_steps or cfg.train_batch_size or cfg.learning_rate):
         raise SystemExit("--max_train_steps/--train_batch_size/--learning_rate set one stage: give --stage too "
                          "(--steps_scale shortens all of them)")
+    if cfg.init_from and cfg.stage not in ("vae", "sd", "classifier"):
+        raise SystemExit("--init_from starts a second round of the vae (decoder only), sd or classifier stage: give "
+                         "--stage vae, sd or classifier")
+    need = "config.json" if cfg.stage == "classifier" else f"{'unet' if cfg.stage == 'sd' else 'vae'}/config.json"
+    if cfg.init_from and not (Path(cfg.init_from) / need).is_file():
+        raise SystemExit(f"--init_from '{cfg.init_from}' has no {need}: give a {cfg.stage} result folder")
     return cfg
 
 # ----------------------------------------------------------------------------- the world image pool
@@ -140,12 +151,17 @@ class Stage:
 
 
 def vae_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
-    vae = VAE(VAEConfig.toy())
+    # --init_from: a second round that trains only the decoder, on whole 64 px images, so the latents (and the UNet
+    # trained on them) stay valid; the same idea as SD's "ft-MSE" VAE, a decoder fine-tuned after the fact
+    vae = VAE.from_pretrained(cfg.init_from) if cfg.init_from else VAE(VAEConfig.toy())
+    side = 64 if cfg.init_from else 32
+    vae.encoder.requires_grad_(not cfg.init_from)
+    vae.quant_conv.requires_grad_(not cfg.init_from)
 
     def batch(g, b):
         idx = torch.randint(len(pool["images"]), (b,), generator=g).numpy()
-        top, left = torch.randint(0, 33, (2,), generator=g).tolist()    # one 32 px crop position per batch
-        return {"x": to_tensor(pool["images"][idx, top:top + 32, left:left + 32]), "g": g}
+        top, left = torch.randint(0, 65 - side, (2,), generator=g).tolist()  # one crop position per batch
+        return {"x": to_tensor(pool["images"][idx, top:top + side, left:left + side]), "g": g}
 
     def loss(b):
         posterior = vae.encode(b["x"])
@@ -156,7 +172,8 @@ def vae_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     def write(model, folder):
         with torch.no_grad():   # LDM's scale factor: 1 / std of the latents, over 1024 pool images
             z = torch.cat([model.encode(to_tensor(pool["images"][i:i + 256])).mean for i in range(0, 1024, 256)])
-        scaled = VAE(VAEConfig(**{**asdict(model.config), "scaling_factor": round(1 / z.std().item(), 5)}))
+        s = model.config.scaling_factor if cfg.init_from else round(1 / z.std().item(), 5)   # decoder round: as it was
+        scaled = VAE(VAEConfig(**{**asdict(model.config), "scaling_factor": s}))
         scaled.load_state_dict(model.state_dict())
         scaled.save_pretrained(folder / "model" / "vae", SHIP_DTYPE)
     return Stage(vae, batch, loss, write)
@@ -169,7 +186,11 @@ def sd_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     vae = VAE.from_pretrained(out / "model", subfolder="vae")
     tokenizer = CLIPTokenizer(*shipped_vocab(), max_length=TextEncoderConfig.toy().max_position_embeddings)
     schedule = NoiseSchedule.sd()
-    model = torch.nn.ModuleDict({"unet": UNet(UNetConfig.toy()), "text_encoder": CLIPTextModel(TextEncoderConfig.toy())})
+    if cfg.init_from:          # a second round: go on from an earlier result's (EMA) weights
+        model = torch.nn.ModuleDict({"unet": UNet.from_pretrained(cfg.init_from),
+                                     "text_encoder": CLIPTextModel.from_pretrained(cfg.init_from)})
+    else:
+        model = torch.nn.ModuleDict({"unet": UNet(UNetConfig.toy()), "text_encoder": CLIPTextModel(TextEncoderConfig.toy())})
     s = vae.config.scaling_factor
     with torch.no_grad():      # every pool image encoded once: the posterior's mean and std, scaled
         moments = [vae.encode(to_tensor(pool["images"][i:i + 500])) for i in tqdm(range(0, len(pool["images"]), 500),
@@ -219,8 +240,8 @@ def clip_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     return Stage(clip, batch, loss, write)
 
 
-def classifier_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
-    classifier = FactorClassifier(ViTConfig.toy(), FACTORS)
+def factor_stage(pool: dict, logits_of) -> tuple:
+    """batch and loss of a supervised stage: one-object pool images, cross-entropy summed over the factors."""
     single = np.flatnonzero(pool["labels"][:, 0] >= 0)
 
     def batch(g, b):
@@ -228,17 +249,38 @@ def classifier_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
         return {"x": to_tensor(pool["images"][idx]), "labels": torch.from_numpy(pool["labels"][idx])}
 
     def loss(b):
-        logits = classifier(classifier.vit.preprocess.tensor(b["x"]))
+        logits = logits_of(b["x"])
         losses = {k: F.cross_entropy(logits[k], b["labels"][:, i]) for i, k in enumerate(FACTORS)}
         logs = {f"acc_{k}": (logits[k].argmax(-1) == b["labels"][:, i]).float().mean().item() for i, k in enumerate(FACTORS)}
         return sum(losses.values()), logs
+    return batch, loss
+
+
+def dino_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
+    """A ViT (DINO's layout, ViTConfig.toy) supervised on the factors through linear heads on its CLS token: the
+    toy runs' stand-in for DINO (eval.py's DINO score, ComFusion's L_v). Only the ViT is written."""
+    model = torch.nn.ModuleDict({"vit": ViTModel(ViTConfig.toy())})
+    model["heads"] = torch.nn.ModuleDict({k: torch.nn.Linear(ViTConfig.toy().hidden_size, len(v)) for k, v in FACTORS.items()})
+
+    def logits_of(x):
+        feature = model["vit"].features(model["vit"].preprocess.tensor(x))
+        return {k: head(feature) for k, head in model["heads"].items()}
+
+    def write(m, folder):
+        m["vit"].save_pretrained(folder / "dino", SHIP_DTYPE)
+    return Stage(model, *factor_stage(pool, logits_of), write)
+
+
+def classifier_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
+    # --init_from: a second round from an earlier classifier (a longer schedule in two runs)
+    classifier = FactorClassifier.from_pretrained(cfg.init_from) if cfg.init_from else FactorClassifier(FactorClassifierConfig(FACTORS))
 
     def write(m, folder):
         m.save_pretrained(folder / "classifier", SHIP_DTYPE)
-    return Stage(classifier, batch, loss, write)
+    return Stage(classifier, *factor_stage(pool, lambda x: classifier(classifier.preprocess.tensor(x))), write)
 
 
-BUILD = {"vae": vae_stage, "sd": sd_stage, "clip": clip_stage, "classifier": classifier_stage}
+BUILD = {"vae": vae_stage, "sd": sd_stage, "clip": clip_stage, "dino": dino_stage, "classifier": classifier_stage}
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -249,10 +291,18 @@ def stage_settings(cfg: PretrainConfig, name: str) -> tuple[int, int, float, flo
             cfg.learning_rate or lr, ema)
 
 
+def settings_of(cfg: PretrainConfig, name: str) -> dict:
+    """What makes a stage's result: a checkpoint or a finished stage made with other settings is not reused."""
+    steps, batch_size, lr, ema = stage_settings(cfg, name)
+    return {"steps": steps, "batch_size": batch_size, "learning_rate": lr, "ema": ema, "seed": cfg.seed,
+            "pool_size": cfg.pool_size, "warmup_steps": cfg.warmup_steps, "init_from": cfg.init_from}
+
+
 def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
     """Train one stage (resuming from its newest checkpoint) and write its result into cfg.output_dir."""
     out, work = Path(cfg.output_dir), Path(cfg.work_dir) / name
     steps, batch_size, lr, ema_decay = stage_settings(cfg, name)
+    settings = settings_of(cfg, name)
     torch.manual_seed(cfg.seed)                                   # initial weights
     stage = BUILD[name](cfg, pool, out)
     model = stage.model.train()
@@ -264,6 +314,9 @@ def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
     step, seconds = 0, 0.0
     if (latest := checkpoint.latest_checkpoint(work)) is not None:
         state = checkpoint.load_state(latest)
+        if state["settings"] != settings:
+            raise ValueError(f"{latest} was made with {state['settings']}, this run asks for {settings}: resume with "
+                             f"the same settings, or give another --work_dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -277,6 +330,7 @@ def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
     while step < steps:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + STAGES.index(name) * 100_003 + step)
         loss, logs = stage.loss(stage.batch(g, batch_size))
+        logs = {"loss": loss.item(), **logs}
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,7 +350,7 @@ def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
                 f.write(json.dumps({"step": step, "lr": schedule.get_last_lr()[0], **logs}) + "\n")
         if step % cfg.checkpointing_steps == 0 and step < steps:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "seconds": time.time() - t0, **({"ema": ema.state_dict()} if ema is not None else {})}
+                     "seconds": time.time() - t0, "settings": settings, **({"ema": ema.state_dict()} if ema is not None else {})}
             checkpoint.save_checkpoint(work, step, lambda folder: stage.write(ema or model, folder), state, total_limit=1)
     bar.close()
     seconds = time.time() - t0
@@ -343,22 +397,24 @@ def main(argv=None) -> dict:
     pool = world_pool(cfg.seed, cfg.pool_size, work)
     info_path = out / "pretrain.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    info.update({"command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                 "seed": cfg.seed, "pool_size": cfg.pool_size,
-                 "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                             f"{torch.get_num_threads()} threads"})
+    command = "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    hardware = (f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads")
+    info.update({"seed": cfg.seed, "pool_size": cfg.pool_size})
     info.setdefault("stages", {})
     write_subjects(out)
     for name in STAGES if cfg.stage == "all" else (cfg.stage,):
-        if cfg.stage == "all" and (work / name / "DONE").is_file():
-            print(f"{name}: done in an earlier run of this work folder, kept")
+        done = work / name / "DONE"
+        if cfg.stage == "all" and done.is_file() and json.loads(done.read_text() or "{}") == settings_of(cfg, name):
+            print(f"{name}: done with these settings in an earlier run of this work folder, kept")
             continue
-        info["stages"][name] = run_stage(name, cfg, pool)
+        key = f"{name} from {cfg.init_from}" if cfg.init_from else name    # a second round is recorded beside the first
+        info["stages"][key] = {"command": command, "hardware": hardware, **run_stage(name, cfg, pool)}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(info_path, lambda p: p.write_text(json.dumps(info, indent=2)))
         for old in checkpoint.checkpoints(work / name):           # the stage is done: its checkpoints are not needed
             shutil.rmtree(old)
-        (work / name / "DONE").touch()
+        atomic_write(done, lambda p: p.write_text(json.dumps(settings_of(cfg, name))))
         if name == "sd":
             write_samples(out, cfg.seed)
     print(json.dumps(info, indent=2))

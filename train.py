@@ -50,7 +50,7 @@ from sample import (DEFAULT_MODEL, SDModels, add_token, default_device, encode_p
                     make_grid, save_models, save_png, write_result_info)
 from single_file import is_single_file, save_single_file
 
-PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_classifier")   # the toy world's model: pretrain.py
+PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
 METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse", *PRETRAIN)
 DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # methods.md section 1
               "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
@@ -151,7 +151,7 @@ DEMO = dict(  # the README's offline main job: DreamBooth on a toy subject with 
     learning_rate=2e-4, max_train_steps=300, train_batch_size=2, checkpointing_steps=100, checkpoints_total_limit=1,
     validation_prompt="a sks star in the snow", validation_steps=100, sample_steps=25, output_dir="runs/demo",
     device="cpu")
-DEMO_SCENES = ("in the snow", "at night", "in front of a brick wall", "on a wooden floor")  # none in the 5 photos
+DEMO_SCENES = ("in the snow", "at night", "in front of a brick wall")  # the scenes none of the 5 photos shows
 DEMO_GUIDANCE = 4.0          # the toy model's images are best near 4 (benchmarks/bench_toy_world.py)
 
 
@@ -612,7 +612,7 @@ def demo_report(cfg: TrainConfig, out: Path) -> dict:
     sample_main(["--model", str(out), "--out", str(out / "samples"), "--num_images", "4", "--steps", "25",
                  "--guidance", str(DEMO_GUIDANCE), "--device", cfg.device] + [x for p in prompts for x in ("--prompt", p)])
     metrics = evaluate.main(["--images", str(out / "samples"), "--reference", cfg.instance_data_dir,
-                             "--clip_model", str(TOY / "clip"), "--dino_model", str(TOY / "classifier"),
+                             "--clip_model", str(TOY / "clip"), "--dino_model", str(TOY / "dino"),
                              "--classifier", str(TOY / "classifier"), "--identifier", cfg.identifier,
                              "--out", str(out / "eval"), "--device", cfg.device])
     print(f"\n{'prompt':<42} {'subject sim':>11} {'prompt align':>12} {'scene acc':>9}")

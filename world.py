@@ -241,11 +241,18 @@ def sample(seed: int, index: int) -> tuple[Image.Image, str, dict]:
 
 
 def image_of(shape: str, colour: str, scene: str, rng: np.random.Generator, size: str | None = None,
-             texture: str = "plain", second_colour: str | None = None) -> Image.Image:
-    """One object of the given factors (size random unless given) at a random place on `scene`."""
+             texture: str = "plain", second_colour: str | None = None, with_mask: bool = False):
+    """One object of the given factors (size random unless given) at a random place on `scene`; with_mask: also
+    its silhouette, outline included (white on black, mode L), the object-driven method's mask."""
     size = size or str(rng.choice(list(SIZES)))
     obj = Obj(shape, colour, size, texture, *place(rng, size), second_colour=second_colour)
-    return Image.fromarray(render({"scene": scene, "objects": [obj]}, rng))
+    image = Image.fromarray(render({"scene": scene, "objects": [obj]}, rng))
+    if not with_mask:
+        return image
+    c = np.arange(SIZE, dtype=np.float32) + 0.5
+    y, x = np.meshgrid(c, c, indexing="ij")
+    mask = shape_mask(obj.shape, (x - obj.x) / (obj.r * 1.12), (y - obj.y) / (obj.r * 1.12))
+    return image, Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
 
 
 def batch(seed: int, start: int, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -264,12 +271,13 @@ NOVEL_SUBJECTS = {
 }
 
 
-def novel_subject(name: str, n: int, seed: int = 0) -> list[Image.Image]:
-    """`n` images of a novel subject, large, at random places in scenes chosen in turn from the world."""
+def novel_subject(name: str, n: int, seed: int = 0, with_masks: bool = False) -> list:
+    """`n` images of a novel subject, large, at random places in scenes chosen in turn from the world
+    (with_masks: (image, mask) pairs, see image_of)."""
     rng = np.random.default_rng([seed, 7919])
     scenes = [s for s in SCENES if s not in ("night",)]
-    return [image_of(scene=scenes[(i * 3) % len(scenes)], rng=rng, size="large", **NOVEL_SUBJECTS[name])
-            for i in range(n)]
+    return [image_of(scene=scenes[(i * 3) % len(scenes)], rng=rng, size="large", with_mask=with_masks,
+                     **NOVEL_SUBJECTS[name]) for i in range(n)]
 
 
 def eval_prompts(n: int = 100, seed: int = 0) -> list[tuple[str, dict]]:

@@ -54,11 +54,12 @@ METHODS = {
     "comfusion": ("sks", ["--instance_data_dir", "{subject}", "--instance_prompt", "a sks {cls}", "--class_prompt",
                           "a {cls}", "--class_data_dir", "{classes}-scenes", "--scenes", "{scenes}",
                           "--num_scene_images", "4", "--class_sample_steps", "25", "--learning_rate", "2e-4",
-                          "--fusion_guidance", "4", "--dino_model", str(TOY / "classifier"),
+                          "--fusion_guidance", "4", "--dino_model", str(TOY / "dino"),
                           "--clip_model", str(TOY / "clip")]),
     "objectdriven": ("<o1>", ["--instance_data_dir", "{one}", "--instance_mask", "{mask}", "--placeholder_token",
                               "<o1>", "--initializer_token", "{cls}", "--learning_rate", "2e-3",
-                              "--clip_model", str(TOY / "clip"), *PRIOR]),
+                              "--clip_model", str(TOY / "clip"), "--class_data_dir", "{classes}-objectdriven",
+                              "--num_class_images", "50", "--class_sample_steps", "25"]),
 }
 
 
@@ -86,7 +87,7 @@ def one_photo_and_mask(name: str, work: Path) -> tuple[Path, Path]:
 
 def score(images_dir: Path, subject: str, token: str, out: Path) -> dict:
     metrics = evaluate.main(["--images", str(images_dir), "--reference", str(TOY / "subjects" / subject),
-                             "--clip_model", str(TOY / "clip"), "--dino_model", str(TOY / "classifier"),
+                             "--clip_model", str(TOY / "clip"), "--dino_model", str(TOY / "dino"),
                              "--classifier", str(TOY / "classifier"), "--identifier", token, "--out", str(out),
                              "--device", "cpu"])
     return {"subject_sim": metrics["clip_i"], "prompt_align": metrics["clip_t"], "scene_acc": metrics.get("scene_acc")}

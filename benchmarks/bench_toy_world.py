@@ -69,7 +69,7 @@ def check(args) -> dict:
     """Everything that can be wrong before a model loads; returns <toy>/pretrain.json (or {})."""
     toy = Path(args.toy)
     for sub, what in (("model/model_index.json", "the diffusers-layout model"),
-                      ("classifier/heads/config.json", "the factor classifier")):
+                      ("classifier/config.json", "the factor classifier")):
         if not (toy / sub).is_file():
             sys.exit(f"error: '{toy / sub}' is missing: --toy must be pretrain.py's output folder ({what} lives "
                      f"in {sub.split('/')[0]}/)")

@@ -17,7 +17,7 @@ from transformers import ViTModel as HFViTModel
 import eval
 import world
 from face_encoder import IResNet
-from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, FactorClassifier, ViTConfig
+from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, FactorClassifier, FactorClassifierConfig, ViTConfig
 from sample import save_png
 from text_encoder import CLIPTokenizer
 from helpers import randomize
@@ -248,7 +248,7 @@ def fixed_classifier(image_size=32, **says) -> FactorClassifier:
     """A tiny FactorClassifier whose heads ignore the image: zero weights, a bias that picks says[factor]."""
     factors = {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "scene": list(world.SCENES)}
     torch.manual_seed(0)
-    classifier = FactorClassifier(ViTConfig(32, 37, 2, 4, image_size=image_size, patch_size=8), factors)
+    classifier = FactorClassifier(FactorClassifierConfig(factors, widths=(8, 16), image_size=image_size))
     with torch.no_grad():
         for name, head in classifier.heads.items():
             head.weight.zero_()
@@ -311,5 +311,5 @@ def test_a_missing_classifier_folder_fails_before_any_model_loads(encoders, fold
     base = ["--images", str(folders / "images"), "--reference", str(folders / "dataset"), "--out", str(tmp_path)]
     with pytest.raises(eval.ModelLoadError, match="--classifier '.*missing' is not a factor classifier folder"):
         eval.main(base + ["--classifier", str(tmp_path / "missing")])
-    with pytest.raises(eval.ModelLoadError, match="is not a factor classifier folder"):  # a ViT without heads/
+    with pytest.raises(eval.ModelLoadError, match="is not a factor classifier folder"):  # a ViT: no factors
         eval.main(base + ["--classifier", str(encoders["dino_dir"])])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import pretrain
 import world
 from helpers import killed_after_first_checkpoint
-from image_encoders import CLIPModel, FactorClassifier, ViTConfig, ViTModel
+from image_encoders import CLIPModel, FactorClassifier, FactorClassifierConfig, ViTConfig, ViTModel
 from sample import generate, load_models
 from vae import VAE, VAEConfig
 
@@ -52,7 +52,7 @@ def test_all_stages_write_loadable_results(pretrained):
     out, work, info = pretrained
     assert set(info["stages"]) == set(pretrain.STAGES)
     assert json.loads((out / "pretrain.json").read_text())["stages"] == info["stages"]
-    assert [info["stages"][s]["steps"] for s in pretrain.STAGES] == [2, 4, 2, 1]
+    assert [info["stages"][s]["steps"] for s in pretrain.STAGES] == [2, 4, 2, 1, 2]
     assert all((work / s / "DONE").is_file() and not list((work / s).glob("checkpoint-*")) for s in pretrain.STAGES)
     assert (out / "samples.png").is_file()
 
@@ -72,7 +72,7 @@ def test_all_stages_write_loadable_results(pretrained):
     assert classifier.factors == pretrain.FACTORS
     predicted = classifier.predict([world.sample(1, i)[0] for i in range(3)])
     assert all(len(predicted[k]) == 3 and set(predicted[k]) <= set(labels) for k, labels in pretrain.FACTORS.items())
-    vit = ViTModel.from_pretrained(out / "classifier")
+    vit = ViTModel.from_pretrained(out / "dino")
     assert vit.config == ViTConfig.toy()
 
 
@@ -102,7 +102,7 @@ def held_out_loss(classifier, n=64):
                             pretrain.FACTORS["colour"].index(f["objects"][0].colour),
                             pretrain.FACTORS["scene"].index(f["scene"])] for _, _, f in rows])
     with torch.no_grad():
-        logits = classifier(classifier.vit.preprocess([im for im, _, _ in rows]))
+        logits = classifier(classifier.preprocess([im for im, _, _ in rows]))
     return sum(F.cross_entropy(logits[k], labels[:, i]).item() for i, k in enumerate(pretrain.FACTORS))
 
 
@@ -116,12 +116,12 @@ def classifier_uninterrupted(tmp_path_factory):
 def test_short_run_learns(classifier_uninterrupted):
     out, work, info = classifier_uninterrupted
     torch.manual_seed(0)                                   # run_stage's initial weights
-    initial = FactorClassifier(ViTConfig.toy(), pretrain.FACTORS).eval()
+    initial = FactorClassifier(FactorClassifierConfig(pretrain.FACTORS)).eval()
     trained = FactorClassifier.from_pretrained(out / "classifier")
     assert held_out_loss(trained) < 0.8 * held_out_loss(initial)
     logs = [json.loads(line) for line in (work / "classifier" / "logs.jsonl").read_text().splitlines()]
     assert logs[-1]["step"] == 40 and logs[-1]["acc_scene"] > 0.5         # chance: 1/8
-    assert info["stages"]["classifier"]["final"] == {k: round(v, 4) for k, v in logs[-1].items() if k.startswith("acc")}
+    assert info["stages"]["classifier"]["final"] == {k: round(v, 4) for k, v in logs[-1].items() if k != "step" and k != "lr"}
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(classifier_uninterrupted, tmp_path, monkeypatch, capsys):
@@ -170,3 +170,13 @@ def test_bad_arguments_fail_early():
     with pytest.raises(SystemExit, match="give --stage too"):
         pretrain.parse_args(["--stage", "all", "--train_batch_size", "8"])
     assert pretrain.parse_args(["--stage", "sd", "--max_train_steps", "5"]).max_train_steps == 5
+
+
+def test_a_finished_stage_is_kept_only_with_the_same_settings(pretrained, capsys):
+    out, work, _ = pretrained
+    cfg = pretrain.parse_args(["--output_dir", str(out), "--work_dir", str(work), *POOL, "--steps_scale", "0.001"])
+    assert all(json.loads((work / s / "DONE").read_text()) == pretrain.settings_of(cfg, s) for s in pretrain.STAGES)
+    other = pretrain.parse_args(["--output_dir", str(out), "--work_dir", str(work), *POOL, "--steps_scale", "0.002"])
+    assert pretrain.settings_of(other, "sd") != pretrain.settings_of(cfg, "sd")
+    pretrain.main(["--output_dir", str(out), "--work_dir", str(work), *POOL, "--steps_scale", "0.001"])
+    assert capsys.readouterr().out.count("kept") == len(pretrain.STAGES)

@@ -277,3 +277,6 @@ def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "runs/demo/samples/grid.png").is_file()
     assert (tmp_path / "runs/demo/unet/diffusion_pytorch_model.safetensors").is_file()
     assert len(list((tmp_path / "runs/demo/validation").iterdir())) == 2
+    metrics = json.loads((tmp_path / "runs/demo/eval/metrics.json").read_text())   # the demo's table, scored
+    assert len(metrics["prompts"]) == 2 * len(train.DEMO_SCENES) - 1
+    assert all(0.0 <= row["scene_acc"] <= 1.0 for row in metrics["prompts"])

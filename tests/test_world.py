@@ -152,3 +152,15 @@ def test_write_faces_makes_photoverses_face_folder(tmp_path):
     x, mask = faces.load(0, 64)
     assert x.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
     assert 0.15 < mask.mean() < 0.6                          # the head, not the whole image
+
+
+def test_novel_subject_masks_cover_the_object():
+    pairs = world.novel_subject("checkered_star", 3, with_masks=True)
+    plain = world.novel_subject("checkered_star", 3)
+    colours = np.array([world.COLOURS["yellow"], world.COLOURS["purple"]], dtype=np.float32)
+    for (image, mask), same in zip(pairs, plain):
+        assert np.array_equal(np.asarray(image), np.asarray(same))          # the mask does not change the image
+        a, m = np.asarray(image).astype(np.float32), np.asarray(mask) > 127
+        near = (np.abs(a[:, :, None, :] - colours).max(-1) < 40).any(-1)    # a subject colour
+        assert 0.05 < m.mean() < 0.5
+        assert near[m].mean() > 0.6 and near[~m].mean() < 0.02

@@ -38,7 +38,7 @@ toy-model: $(VENV)/.runtime
 	$(PY) pretrain.py
 	$(PY) pretrain.py --stage vae --init_from assets/toy/model --max_train_steps 2000 --train_batch_size 16
 	$(PY) pretrain.py --stage classifier --init_from assets/toy/classifier --max_train_steps 2000 --learning_rate 5e-4
-	$(PY) pretrain.py --stage sd --init_from assets/toy/model --max_train_steps 1500 --learning_rate 2e-4
+	$(PY) pretrain.py --stage sd --init_from assets/toy/model --max_train_steps 1500 --learning_rate 2e-4 --colour_dropout 0.3
 
 clean:
 	rm -rf $(VENV) runs

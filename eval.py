@@ -132,13 +132,22 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def png_prompt(path: Path) -> str | None:
-    """The `prompt` text chunk that sample.py and this file write into PNGs."""
+def png_text(path: Path) -> dict:
+    """The text chunks that sample.py and this file write into PNGs."""
     try:
         with Image.open(path) as im:
-            return getattr(im, "text", {}).get("prompt")
+            return dict(getattr(im, "text", {}))
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image '{path}': {e}") from None
+
+
+def png_prompt(path: Path) -> str | None:
+    return png_text(path).get("prompt")
+
+
+def generated_images(folder: Path) -> list[Path]:
+    """The images of a folder to score: all but sample.py's grid.png (its text has `prompts`, not `prompt`)."""
+    return [p for p in image_files(folder) if not ("prompts" in (text := png_text(p)) and "prompt" not in text)]
 
 
 def reference_images(reference: Path, subject: str, single: bool) -> list[Path]:
@@ -174,7 +183,7 @@ def collect_groups(args) -> list[Group]:
         folders = {s: d for s, d in folders.items() if not args.subjects or s in args.subjects}
     groups = []
     for subject, folder in folders.items():
-        paths = image_files(folder)
+        paths = generated_images(folder)
         prompts = [args.prompt] * len(paths) if args.prompt else [png_prompt(p) for p in paths]
         missing = [p.name for p, q in zip(paths, prompts) if not q]
         if missing:

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -83,13 +84,15 @@ class PretrainConfig:
     checkpointing_steps: int = 500
     threads: int | None = None              # torch CPU threads (None: torch's default)
     init_from: str | None = None            # a second round from this result: vae (decoder only), sd, classifier
+    colour_dropout: float = 0.0             # sd: share of captions with their colour words left out, so that a shape
+                                            # word alone ("a star", DreamBooth's class prompt) means any colour
 
 
 def parse_args(argv=None) -> PretrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(PretrainConfig()).items():
         kind = {"max_train_steps": int, "train_batch_size": int, "learning_rate": float, "threads": int,
-                "init_from": str}.get(name, type(value))
+                "init_from": str, "colour_dropout": float}.get(name, type(value))
         p.add_argument(f"--{name}", type=kind, default=value)
     cfg = PretrainConfig(**vars(p.parse_args(argv)))
     if cfg.stage not in (*STAGES, "all"):
@@ -197,11 +200,16 @@ def sd_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
                                                                                  desc="encoding the pool", unit="batch")]
         mean, std = torch.cat([m.mean for m in moments]) * s, torch.cat([m.std for m in moments]) * s
     ids, empty = tokenizer(pool["captions"]), tokenizer([""])[0]
+    colours = re.compile(r"\b(" + "|".join(world.COLOURS) + r") ")
+    no_colour = tokenizer([colours.sub("", c) for c in pool["captions"]]) if cfg.colour_dropout else ids
 
     def batch(g, b):
         idx = torch.randint(len(mean), (b,), generator=g)
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        caption_ids = torch.where((torch.rand(b, generator=g) < 0.1)[:, None], empty, ids[idx])   # CFG dropout
+        caption_ids = ids[idx]
+        if cfg.colour_dropout:     # (drawn only when asked: runs without it keep their random stream)
+            caption_ids = torch.where((torch.rand(b, generator=g) < cfg.colour_dropout)[:, None], no_colour[idx], caption_ids)
+        caption_ids = torch.where((torch.rand(b, generator=g) < 0.1)[:, None], empty, caption_ids)   # CFG dropout
         t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
         return {"z0": z0, "ids": caption_ids, "t": t, "noise": torch.randn(z0.shape, generator=g)}
 
@@ -295,7 +303,8 @@ def settings_of(cfg: PretrainConfig, name: str) -> dict:
     """What makes a stage's result: a checkpoint or a finished stage made with other settings is not reused."""
     steps, batch_size, lr, ema = stage_settings(cfg, name)
     return {"steps": steps, "batch_size": batch_size, "learning_rate": lr, "ema": ema, "seed": cfg.seed,
-            "pool_size": cfg.pool_size, "warmup_steps": cfg.warmup_steps, "init_from": cfg.init_from}
+            "pool_size": cfg.pool_size, "warmup_steps": cfg.warmup_steps, "init_from": cfg.init_from,
+            **({"colour_dropout": cfg.colour_dropout} if cfg.colour_dropout else {})}
 
 
 def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:

@@ -148,7 +148,7 @@ DEMO = dict(  # the README's offline main job: DreamBooth on a toy subject with 
     pretrained_model_name_or_path=str(TOY / "model"), instance_data_dir=str(TOY / "subjects" / "checkered_star"),
     instance_prompt="a sks star", class_prompt="a star", with_prior_preservation=True,
     class_data_dir="runs/demo/class_images", num_class_images=50, class_sample_steps=25, resolution=64,
-    learning_rate=2e-4, max_train_steps=300, train_batch_size=2, checkpointing_steps=100, checkpoints_total_limit=1,
+    learning_rate=5e-5, max_train_steps=300, train_batch_size=2, checkpointing_steps=100, checkpoints_total_limit=1,
     validation_prompt="a sks star in the snow", validation_steps=100, sample_steps=25, output_dir="runs/demo",
     device="cpu")
 DEMO_SCENES = ("in the snow", "at night", "in front of a brick wall")  # the scenes none of the 5 photos shows

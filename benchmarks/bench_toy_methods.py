@@ -46,18 +46,18 @@ PRIOR = ["--with_prior_preservation", "--class_prompt", "a {cls}", "--class_data
          "--num_class_images", "50", "--class_sample_steps", "25"]
 METHODS = {
     "dreambooth": ("sks", ["--instance_data_dir", "{subject}", "--instance_prompt", "a sks {cls}",
-                           "--learning_rate", "2e-4", *PRIOR]),
+                           "--learning_rate", "5e-5", *PRIOR]),
     "dreambooth_lora": ("sks", ["--instance_data_dir", "{subject}", "--instance_prompt", "a sks {cls}",
-                                "--learning_rate", "2e-3", "--rank", "8", *PRIOR]),
+                                "--learning_rate", "1e-3", "--rank", "8", *PRIOR]),
     "textual_inversion": ("<sks>", ["--instance_data_dir", "{subject}", "--placeholder_token", "<sks>",
                                     "--initializer_token", "{cls}", "--learning_rate", "5e-3"]),
     "comfusion": ("sks", ["--instance_data_dir", "{subject}", "--instance_prompt", "a sks {cls}", "--class_prompt",
                           "a {cls}", "--class_data_dir", "{classes}-scenes", "--scenes", "{scenes}",
-                          "--num_scene_images", "4", "--class_sample_steps", "25", "--learning_rate", "2e-4",
+                          "--num_scene_images", "4", "--class_sample_steps", "25", "--learning_rate", "5e-5",
                           "--fusion_guidance", "4", "--dino_model", str(TOY / "dino"),
                           "--clip_model", str(TOY / "clip")]),
     "objectdriven": ("<o1>", ["--instance_data_dir", "{one}", "--instance_mask", "{mask}", "--placeholder_token",
-                              "<o1>", "--initializer_token", "{cls}", "--learning_rate", "2e-3",
+                              "<o1>", "--initializer_token", "{cls}", "--learning_rate", "1e-3",
                               "--clip_model", str(TOY / "clip"), "--class_data_dir", "{classes}-objectdriven",
                               "--num_class_images", "50", "--class_sample_steps", "25"]),
 }

@@ -180,3 +180,28 @@ def test_a_finished_stage_is_kept_only_with_the_same_settings(pretrained, capsys
     assert pretrain.settings_of(other, "sd") != pretrain.settings_of(cfg, "sd")
     pretrain.main(["--output_dir", str(out), "--work_dir", str(work), *POOL, "--steps_scale", "0.001"])
     assert capsys.readouterr().out.count("kept") == len(pretrain.STAGES)
+
+
+def test_second_rounds(pretrained, tmp_path):
+    """--init_from: the vae round trains only the decoder (encoder, quant conv and scale kept, so latents and the
+    UNet stay valid); the sd round starts from the given UNet; colour dropout reaches the sd stage's settings."""
+    out, work, _ = pretrained
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = load_file(copy / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    pretrain.main(["--stage", "vae", "--init_from", str(copy / "model"), "--output_dir", str(copy), "--work_dir",
+                   str(tmp_path / "work"), *POOL, "--max_train_steps", "3", "--train_batch_size", "2"])
+    after = load_file(copy / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert VAE.from_pretrained(copy / "model").config.scaling_factor == VAE.from_pretrained(out / "model").config.scaling_factor
+
+    info = pretrain.main(["--stage", "sd", "--init_from", str(copy / "model"), "--output_dir", str(copy), "--work_dir",
+                          str(tmp_path / "work"), *POOL, "--max_train_steps", "2", "--colour_dropout", "0.5"])
+    round2 = info["stages"][f"sd from {copy / 'model'}"]
+    assert round2["steps"] == 2 and "sd" in info["stages"]                  # the first round's record is kept
+    cfg = pretrain.parse_args(["--stage", "sd", "--init_from", str(copy / "model"), "--colour_dropout", "0.5"])
+    assert pretrain.settings_of(cfg, "sd")["colour_dropout"] == 0.5
+    with pytest.raises(SystemExit, match="--init_from"):
+        pretrain.parse_args(["--stage", "clip", "--init_from", str(copy / "model")])

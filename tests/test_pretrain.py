@@ -163,7 +163,7 @@ def test_sd_stage_resumes_with_its_ema(pretrained, tmp_path, monkeypatch, capsys
 
 
 def test_bad_arguments_fail_early():
-    with pytest.raises(SystemExit, match="--stage must be one of vae, sd, clip, classifier or all"):
+    with pytest.raises(SystemExit, match="--stage must be one of vae, sd, clip, dino, classifier or all"):
         pretrain.parse_args(["--stage", "unet"])
     with pytest.raises(SystemExit, match="give --stage too"):
         pretrain.parse_args(["--max_train_steps", "5"])

@@ -5,6 +5,16 @@ import torch
 import checkpoint
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Import into a test module to run it on one torch thread: its models are tiny, OpenMP's hand-offs cost more
+    than their ops, and the tests share a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize(model, seed):
     """Every weight random and larger than transformers' init (std 0.02): std 0.3, norm weights near 1, so tiny
     encoders tell images apart."""

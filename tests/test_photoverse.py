@@ -29,7 +29,7 @@ from photoverse_train import TRAIN_PROMPT, face_loss, value_regulariser, word_re
 from text_encoder import EOS_ID, CLIPTextModel, CLIPTokenizer, TextEncoderConfig
 from tiny import make_tiny_model
 from unet import Attention, UNet, UNetConfig
-from helpers import randomize
+from helpers import one_thread, randomize  # noqa: F401  (one_thread: an autouse fixture)
 
 CASES = [(2.0, 0.0), (0.0, 2.0), (1.0, 1.0)]   # (gamma, sigma): text only, image only, both [paper]
 RES = 64                                        # training images and the tiny encoders' input size
@@ -51,15 +51,6 @@ def draw_face(seed: int, size=(40, 48)) -> Image.Image:
         d.ellipse((x0, h * 0.38 + dy, x0 + w * 0.15, h * 0.48 + dy), fill=eye)
     d.arc((w * 0.3, h * 0.55, w * 0.7, h * 0.8), 20, 160, fill=(150, 30, 30), width=3)
     return im
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run faster on one thread: OpenMP's hand-offs cost more than their ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

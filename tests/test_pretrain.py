@@ -11,21 +11,12 @@ from safetensors.torch import load_file
 
 import pretrain
 import world
-from helpers import killed_after_first_checkpoint
+from helpers import killed_after_first_checkpoint, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 from image_encoders import CLIPModel, FactorClassifier, FactorClassifierConfig, ViTConfig, ViTModel
 from sample import generate, load_models
 from vae import VAE, VAEConfig
 
 POOL = ["--pool_size", "300"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the stages are tiny, and the tests share a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

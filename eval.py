@@ -29,6 +29,12 @@ images whose prompts name that factor:
     python eval.py --model runs/toy-star --dataset toy_subjects/ --clip_model assets/toy/clip \
         --dino_model assets/toy/dino --classifier assets/toy/classifier --steps 25 --guidance 4
 
+and, with --toy_subject NAME (a world.NOVEL_SUBJECTS key), detector.py's render-and-compare answers that an
+empty scene cannot fool: `subject_present` (is the subject drawn?) and, where the prompt names a shape,
+`shape_present` (is that shape drawn, in the prompt's colour if it names one?). In toy runs these are the
+measures of the subject; the toy CLIP's CLIP-I rated empty scenes above new photos of the subject, so it is
+kept for prompt alignment (CLIP-T) only.
+
 Outputs in --out: metrics.json (the scores, per-subject and per-prompt rows, the backbones), metrics.csv (one
 row per image) and contact_sheet.png (per subject: its real photos, then some of the generated images).
 """
@@ -45,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
+import detector
 import world
 from data import IMAGE_SUFFIXES, load_image
 from face_encoder import IResNet
@@ -287,10 +294,27 @@ def score(groups: list[Group], encoders: dict, identifier: str, keep_identifier:
         if classifier := encoders.get("classifier"):
             expected = [{k: v for k, v in prompt_factors(p).items() if k in classifier.factors} for p in g.prompts]
             hits = factor_hits(classifier, [load_image(p) for p in g.images], expected)
+        present = [{}] * len(g.images)
+        if subject := encoders.get("toy_subject"):
+            present = [toy_presence(load_image(path), subject, prompt) for path, prompt in zip(g.images, g.prompts)]
         for i, (path, prompt) in enumerate(zip(g.images, g.prompts)):
             rows.append({"subject": g.subject, "prompt": prompt, "image": str(path),
-                         **{k: float(v[i]) for k, v in scores.items()}, **{f"{k}_acc": v for k, v in hits[i].items()}})
+                         **{k: float(v[i]) for k, v in scores.items()}, **{f"{k}_acc": v for k, v in hits[i].items()},
+                         **present[i]})
     return rows
+
+
+def toy_presence(image: Image.Image, subject: str, prompt: str) -> dict:
+    """Toy runs (--toy_subject): `subject_present`, 1 where detector.py finds the novel subject, and where the
+    prompt names a shape, `shape_present`, 1 where an object of that shape (in the prompt's colour, if it names
+    one) is drawn. Render-and-compare: an empty scene scores 0, as the toy CLIP's cosines could not."""
+    factors, spec = prompt_factors(prompt), world.NOVEL_SUBJECTS[subject]
+    found = detector.subject_present(image, subject)["present"]
+    out = {"subject_present": float(found)}
+    if "shape" in factors:          # the subject is an object of its shape too
+        out["shape_present"] = float((found and spec["shape"] == factors["shape"])
+                                     or detector.shape_present(image, factors["shape"], factors.get("colour")))
+    return out
 
 
 def summarize(rows: list[dict], keys: list[str]) -> dict:
@@ -407,6 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--face_model", help="optional: an arcface_torch IResNet checkpoint file, adds a `face` score")
     p.add_argument("--classifier", help="optional, toy runs: a FactorClassifier folder (pretrain.py's classifier/), "
                    "adds shape_acc / colour_acc / scene_acc for the factors each prompt names")
+    p.add_argument("--toy_subject", choices=list(world.NOVEL_SUBJECTS), help="optional, toy runs: the novel subject "
+                   "the images should show; adds subject_present and shape_present (detector.py)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--sampler", default="ddim")
@@ -457,14 +483,18 @@ def main(argv=None) -> dict:
         encoders["face"] = IResNet.from_file(args.face_model, device=device)
     if args.classifier:
         encoders["classifier"] = FactorClassifier.from_pretrained(Path(args.classifier).expanduser(), device=device)
+    if args.toy_subject:
+        encoders["toy_subject"] = args.toy_subject
     if args.model:
         groups = generate_groups(args, jobs, references, device)
     rows = score(groups, encoders, args.identifier, args.keep_identifier, device)
     keys = ["dino", "clip_i", "clip_t"] + (["face"] if args.face_model else [])
     keys += [f"{f}_acc" for f in FACTORS if any(f"{f}_acc" in r for r in rows)]  # those some prompt names
+    keys += [k for k in ("subject_present", "shape_present") if any(k in r for r in rows)]
     meta = {"backbones": {"dino": str(args.dino_model), "clip": str(args.clip_model),
                           **({"face": str(args.face_model)} if args.face_model else {}),
-                          **({"classifier": str(args.classifier)} if args.classifier else {})},
+                          **({"classifier": str(args.classifier)} if args.classifier else {}),
+                          **({"detector": f"detector.py, subject {args.toy_subject}"} if args.toy_subject else {})},
             "identifier": args.identifier, "keep_identifier": args.keep_identifier, "model": args.model}
     metrics = write_outputs(Path(args.out), rows, groups, meta, keys)
     print(" ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" ({len(rows)} images) -> {args.out}/metrics.json")

@@ -6,15 +6,21 @@
 Stages, in order (each reads the ones before it):
 1. `vae`: SD's autoencoder (vae.py, VAEConfig.toy: 64 px -> 4 x 16 x 16) with LDM's objective minus its
    perceptual and GAN terms: L1 reconstruction + 1e-6 KL (Rombach et al. 2022, the KL-f8 weight), on random
-   32 px crops (the autoencoder is convolutional; a quarter of the pixels per sample). Afterwards the latent
-   scaling factor is measured as 1 / std of the latents, as LDM chose 0.18215.
-2. `sd`: the UNet (UNetConfig.toy) and the CLIP text encoder (TextEncoderConfig.toy, the real tokenizer and
-   vocabulary, 32 positions) trained together from scratch on the captions: epsilon prediction on SD's noise
-   schedule, min-SNR-5 weights (Hang et al. 2023) to converge faster, 10% empty captions so classifier-free
-   guidance works (Ho & Salimans 2022), and an EMA of the weights (decay 0.999) that is what we ship.
-3. `clip`: a CLIP (image_encoders.CLIPConfig.toy) trained contrastively (Radford et al. 2021), the symmetric
+   32 px crops (the autoencoder is convolutional; a quarter of the pixels per sample). 30% of each batch are
+   world.pattern_sample images (two-colour checkered and target patterns in random colours), so the codec keeps
+   detail the world's captions never mention, such as the demo subjects'. Afterwards the latent scaling factor
+   is measured as 1 / std of the latents, as LDM chose 0.18215.
+2. `clip`: a CLIP (image_encoders.CLIPConfig.toy) trained contrastively (Radford et al. 2021), the symmetric
    InfoNCE loss with a learned temperature; pairs with the same caption count as matches. It is the toy runs'
-   CLIP: CLIP-I / CLIP-T in eval.py and the CLIP in ComFusion's and the object-driven method's losses.
+   CLIP: CLIP-T in eval.py and the CLIP in ComFusion's and the object-driven method's losses, and its text
+   tower is SD's text encoder.
+3. `sd`: the UNet (UNetConfig.toy) on the CLIP stage's frozen text tower (as SD 1.x conditions on OpenAI CLIP's
+   text tower), the real tokenizer and vocabulary, 32 positions: epsilon prediction on SD's noise schedule,
+   min-SNR-5 weights (Hang et al. 2023) to converge faster, 10% empty captions so classifier-free guidance works
+   (Ho & Salimans 2022), 20% of captions without their colour words (so "a star", DreamBooth's class prompt,
+   means a star of any colour), and an EMA of the weights (decay 0.999) that is what we ship. Every
+   --check_steps steps it draws 64 prompts "a {colour} {shape} {scene}" and prints the share whose shape the
+   render-and-compare detector (detector.py) finds: the curve to watch.
 4. `dino`: a ViT in DINO's layout (image_encoders.ViTModel, ViTConfig.toy) supervised on the shape, colour and
    scene of one-object images through linear heads on its CLS token (the heads are not kept): the toy runs'
    stand-in for DINO (eval.py's DINO score, ComFusion's L_v). Not DINO's self-distillation: our choice.
@@ -47,6 +53,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
+import detector
 import world
 from hub import atomic_write
 from image_encoders import CLIPConfig, CLIPModel, FactorClassifier, FactorClassifierConfig, ViTConfig, ViTModel
@@ -57,16 +64,17 @@ from text_encoder import CLIPTextModel, CLIPTokenizer, TextEncoderConfig, shippe
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
-STAGES = ("vae", "sd", "clip", "dino", "classifier")
+STAGES = ("vae", "clip", "sd", "dino", "classifier")
 DEFAULTS = {  # steps, batch size, peak learning rate, EMA decay: chosen to fit a 2-core CPU in about an hour
-    "vae": (2000, 32, 1e-3, None),
-    "sd": (4000, 48, 5e-4, 0.999),
+    "vae": (2500, 32, 1e-3, None),
+    "sd": (4000, 32, 1e-3, 0.999),
     "clip": (1500, 64, 5e-4, None),
     "dino": (1000, 64, 5e-4, None),
     "classifier": (1500, 64, 1e-3, None),
 }
 SHIP_DTYPE = torch.float16   # results are stored in half precision (half the size in git); they load as float32
 FACTORS = {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "scene": list(world.SCENES)}
+CHECK_PROMPTS = [(p, f) for p, f in world.eval_prompts(64, seed=99)]   # the sd stage's in-loop check
 
 
 @dataclass
@@ -80,11 +88,13 @@ class PretrainConfig:
     train_batch_size: int | None = None
     learning_rate: float | None = None
     steps_scale: float = 1.0                # multiplies every default step count (tests run the stages tiny)
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     checkpointing_steps: int = 500
+    check_steps: int = 500                  # sd: every this many steps, draw CHECK_PROMPTS and score them (detector.py)
+    patterns: float = 0.3                   # vae: share of each batch from world.pattern_sample (two-colour patterns)
     threads: int | None = None              # torch CPU threads (None: torch's default)
     init_from: str | None = None            # a second round from this result: vae (decoder only), sd, classifier
-    colour_dropout: float = 0.0             # sd: share of captions with their colour words left out, so that a shape
+    colour_dropout: float = 0.2             # sd: share of captions with their colour words left out, so that a shape
                                             # word alone ("a star", DreamBooth's class prompt) means any colour
 
 
@@ -92,7 +102,7 @@ def parse_args(argv=None) -> PretrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(PretrainConfig()).items():
         kind = {"max_train_steps": int, "train_batch_size": int, "learning_rate": float, "threads": int,
-                "init_from": str, "colour_dropout": float}.get(name, type(value))
+                "init_from": str, "colour_dropout": float, "patterns": float}.get(name, type(value))
         p.add_argument(f"--{name}", type=kind, default=value)
     cfg = PretrainConfig(**vars(p.parse_args(argv)))
     if cfg.stage not in (*STAGES, "all"):
@@ -138,6 +148,24 @@ def world_pool(seed: int, n: int, work_dir: Path) -> dict:
     return pool
 
 
+def _pattern_chunk(args):
+    seed, start, n = args
+    return np.stack([world.pattern_sample(seed, i) for i in range(start, start + n)])
+
+
+def pattern_pool(seed: int, n: int, work_dir: Path) -> np.ndarray:
+    """world.pattern_sample images 0..n-1 of stream `seed`, uint8 (n, 64, 64, 3): the VAE's extra images."""
+    path = work_dir / f"patterns-seed{seed}-n{n}.npy"
+    if path.is_file():
+        return np.load(path)
+    chunks = [(seed, s, min(1000, n - s)) for s in range(0, n, 1000)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as ex:
+        images = np.concatenate(list(tqdm(ex.map(_pattern_chunk, chunks), total=len(chunks), desc="pattern pool",
+                                          unit="k images")))
+    atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), images))
+    return images
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (b, h, w, 3) -> float32 (b, 3, h, w) in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -151,6 +179,8 @@ class Stage:
     batch: object               # batch(generator, size) -> dict
     loss: object                # loss(batch) -> (loss, {name: float})
     write: object               # write(model, folder): the stage's result files
+    check: object = None        # check(model) -> {name: float}: a quick look at what the model can do, every
+                                # --check_steps steps (the shipped weights: the EMA ones where there is an EMA)
 
 
 def vae_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
@@ -160,11 +190,16 @@ def vae_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     side = 64 if cfg.init_from else 32
     vae.encoder.requires_grad_(not cfg.init_from)
     vae.quant_conv.requires_grad_(not cfg.init_from)
+    patterns = pattern_pool(cfg.seed, 6000, Path(cfg.work_dir)) if cfg.patterns else None
 
     def batch(g, b):
-        idx = torch.randint(len(pool["images"]), (b,), generator=g).numpy()
+        n = round(b * cfg.patterns)
+        idx = torch.randint(len(pool["images"]), (b - n,), generator=g).numpy()
+        images = pool["images"][idx]
+        if n:
+            images = np.concatenate([images, patterns[torch.randint(len(patterns), (n,), generator=g).numpy()]])
         top, left = torch.randint(0, 65 - side, (2,), generator=g).tolist()  # one crop position per batch
-        return {"x": to_tensor(pool["images"][idx, top:top + side, left:left + side]), "g": g}
+        return {"x": to_tensor(images[:, top:top + side, left:left + side]), "g": g}
 
     def loss(b):
         posterior = vae.encode(b["x"])
@@ -182,46 +217,72 @@ def vae_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     return Stage(vae, batch, loss, write)
 
 
+def clip_text_encoder(folder: Path) -> CLIPTextModel:
+    """The text tower of a CLIP folder (the clip stage's result) as SD's text encoder: the same layout and keys."""
+    clip = CLIPModel.from_pretrained(folder)
+    text_encoder = CLIPTextModel(clip.config.text)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    return text_encoder.eval().requires_grad_(False)
+
+
 def sd_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
-    if not (out / "model" / "vae" / "config.json").is_file():
-        raise ValueError(f"the sd stage encodes with the VAE of the vae stage, and '{out / 'model' / 'vae'}' has none: "
-                         f"run --stage vae (train.py: --method pretrain_vae) into the same output folder first")
+    for need, stage in (("model/vae", "vae"), ("clip", "clip")):
+        if not (out / need / "config.json").is_file():
+            raise ValueError(f"the sd stage needs the result of the {stage} stage, and '{out / need}' has none: run "
+                             f"--stage {stage} (train.py: --method pretrain_{stage}) into the same output folder first")
     vae = VAE.from_pretrained(out / "model", subfolder="vae")
     tokenizer = CLIPTokenizer(*shipped_vocab(), max_length=TextEncoderConfig.toy().max_position_embeddings)
     schedule = NoiseSchedule.sd()
-    if cfg.init_from:          # a second round: go on from an earlier result's (EMA) weights
-        model = torch.nn.ModuleDict({"unet": UNet.from_pretrained(cfg.init_from),
-                                     "text_encoder": CLIPTextModel.from_pretrained(cfg.init_from)})
-    else:
-        model = torch.nn.ModuleDict({"unet": UNet(UNetConfig.toy()), "text_encoder": CLIPTextModel(TextEncoderConfig.toy())})
+    # The text encoder is the toy CLIP's text tower, trained contrastively first and frozen here, as SD 1.x
+    # conditions on OpenAI CLIP's frozen text tower (Rombach et al. 2022). Trained jointly with the UNet from
+    # scratch, it gave shape words that the UNet barely used. Only the UNet trains.
+    text_encoder = CLIPTextModel.from_pretrained(cfg.init_from) if cfg.init_from else clip_text_encoder(out / "clip")
+    text_encoder.requires_grad_(False)
+    model = torch.nn.ModuleDict({"unet": UNet.from_pretrained(cfg.init_from) if cfg.init_from else UNet(UNetConfig.toy())})
     s = vae.config.scaling_factor
     with torch.no_grad():      # every pool image encoded once: the posterior's mean and std, scaled
         moments = [vae.encode(to_tensor(pool["images"][i:i + 500])) for i in tqdm(range(0, len(pool["images"]), 500),
                                                                                  desc="encoding the pool", unit="batch")]
         mean, std = torch.cat([m.mean for m in moments]) * s, torch.cat([m.std for m in moments]) * s
-    ids, empty = tokenizer(pool["captions"]), tokenizer([""])[0]
     colours = re.compile(r"\b(" + "|".join(world.COLOURS) + r") ")
-    no_colour = tokenizer([colours.sub("", c) for c in pool["captions"]]) if cfg.colour_dropout else ids
+
+    def encode(captions):      # the frozen text encoder's states of every caption, computed once
+        with torch.no_grad():
+            return torch.cat([text_encoder(tokenizer(captions[i:i + 1000]))[0] for i in range(0, len(captions), 1000)])
+    states, empty = encode(pool["captions"]), encode([""])[0]
+    no_colour = encode([colours.sub("", c) for c in pool["captions"]]) if cfg.colour_dropout else states
 
     def batch(g, b):
         idx = torch.randint(len(mean), (b,), generator=g)
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        caption_ids = ids[idx]
+        text = states[idx]
         if cfg.colour_dropout:     # (drawn only when asked: runs without it keep their random stream)
-            caption_ids = torch.where((torch.rand(b, generator=g) < cfg.colour_dropout)[:, None], no_colour[idx], caption_ids)
-        caption_ids = torch.where((torch.rand(b, generator=g) < 0.1)[:, None], empty, caption_ids)   # CFG dropout
+            text = torch.where((torch.rand(b, generator=g) < cfg.colour_dropout)[:, None, None], no_colour[idx], text)
+        text = torch.where((torch.rand(b, generator=g) < 0.1)[:, None, None], empty, text)   # CFG dropout
         t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
-        return {"z0": z0, "ids": caption_ids, "t": t, "noise": torch.randn(z0.shape, generator=g)}
+        return {"z0": z0, "text": text, "t": t, "noise": torch.randn(z0.shape, generator=g)}
 
     def loss(b):
         x_t = schedule.add_noise(b["z0"], b["noise"], b["t"])
-        pred = model["unet"](x_t, b["t"], model["text_encoder"](b["ids"])[0])
+        pred = model["unet"](x_t, b["t"], b["text"])
         mse = weighted_mse(pred, b["noise"], min_snr_weights(schedule, b["t"], 5.0))
         return mse, {"mse": mse.item()}
 
+    def models_of(m):
+        return SDModels(tokenizer, text_encoder, m["unet"], vae, schedule)
+
     def write(m, folder):
-        save_models(SDModels(tokenizer, m["text_encoder"], m["unet"], vae, schedule), folder / "model", SHIP_DTYPE)
-    return Stage(model, batch, loss, write)
+        save_models(models_of(m), folder / "model", SHIP_DTYPE)
+
+    def check(m):              # CHECK_PROMPTS, DDIM 12, guidance 4.5, scored by the render-and-compare detector
+        images = generate(models_of(m.eval()), [p for p, _ in CHECK_PROMPTS], seed=cfg.seed, steps=12, guidance=4.5,
+                          height=64, width=64, progress=False)
+        m.train()
+        hits = [detector.detect(im, f["colour"]) for im, (_, f) in zip(images, CHECK_PROMPTS)]
+        return {"check_shape": float(np.mean([h["present"] and h["shape"] == f["shape"] for h, (_, f) in
+                                              zip(hits, CHECK_PROMPTS)])),
+                "check_present": float(np.mean([h["present"] for h in hits]))}
+    return Stage(model, batch, loss, write, check)
 
 
 def clip_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
@@ -304,7 +365,8 @@ def settings_of(cfg: PretrainConfig, name: str) -> dict:
     steps, batch_size, lr, ema = stage_settings(cfg, name)
     return {"steps": steps, "batch_size": batch_size, "learning_rate": lr, "ema": ema, "seed": cfg.seed,
             "pool_size": cfg.pool_size, "warmup_steps": cfg.warmup_steps, "init_from": cfg.init_from,
-            **({"colour_dropout": cfg.colour_dropout} if cfg.colour_dropout else {})}
+            **({"colour_dropout": cfg.colour_dropout} if cfg.colour_dropout and name == "sd" else {}),
+            **({"patterns": cfg.patterns} if cfg.patterns and name == "vae" else {})}
 
 
 def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
@@ -334,6 +396,7 @@ def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
         step, seconds = state["step"], state["seconds"]
         print(f"{name}: resuming from {latest}")
 
+    work.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, initial=step, desc=f"pretrain {name}", unit="step")
     t0, logs = time.time() - seconds, {}
     while step < steps:
@@ -354,9 +417,14 @@ def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
         if step % 50 == 0 or step == steps:
-            work.mkdir(parents=True, exist_ok=True)
             with open(work / "logs.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "lr": schedule.get_last_lr()[0], **logs}) + "\n")
+        if stage.check is not None and cfg.check_steps and step % cfg.check_steps == 0:
+            with torch.no_grad():
+                checked = stage.check(ema or model)
+            tqdm.write(f"{name} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in checked.items()))
+            with open(work / "logs.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **checked}) + "\n")
         if step % cfg.checkpointing_steps == 0 and step < steps:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "seconds": time.time() - t0, "settings": settings, **({"ema": ema.state_dict()} if ema is not None else {})}

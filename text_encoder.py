@@ -447,5 +447,7 @@ class CLIPTextModel(nn.Module):
         return hub.load_model(lambda: cls(config), folder, stems, variant, dtype, device, fix_keys=hub_keys)
 
     def save_pretrained(self, folder, dtype=None) -> None:
-        """Write config.json + model.safetensors in the Hub's form (keys under `text_model.`)."""
-        hub.save_model(self, folder, self.config.to_json(), "model.safetensors", dtype)
+        """Write config.json + model.safetensors in the Hub's form (keys under `text_model.`). The config says
+        `dtype: float32`: transformers loads a model in the dtype its config names, so a file stored in half
+        precision would otherwise meet diffusers' float32 UNet as a half text encoder and fail in the pipeline."""
+        hub.save_model(self, folder, {**self.config.to_json(), "dtype": "float32"}, "model.safetensors", dtype)

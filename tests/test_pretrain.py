@@ -43,7 +43,7 @@ def test_all_stages_write_loadable_results(pretrained):
     out, work, info = pretrained
     assert set(info["stages"]) == set(pretrain.STAGES)
     assert json.loads((out / "pretrain.json").read_text())["stages"] == info["stages"]
-    assert [info["stages"][s]["steps"] for s in pretrain.STAGES] == [2, 4, 2, 1, 2]
+    assert [info["stages"][s]["steps"] for s in pretrain.STAGES] == [2, 2, 4, 1, 2]
     assert all((work / s / "DONE").is_file() and not list((work / s).glob("checkpoint-*")) for s in pretrain.STAGES)
     assert (out / "samples.png").is_file()
 
@@ -53,7 +53,8 @@ def test_all_stages_write_loadable_results(pretrained):
                       progress=False)
     assert [im.size for im in images] == [(64, 64)] * 2
 
-    clip = CLIPModel.from_pretrained(out / "clip")
+    clip = CLIPModel.from_pretrained(out / "clip")      # SD's text encoder is the clip stage's text tower, frozen
+    assert all(torch.equal(v, clip.text_model.state_dict()[k]) for k, v in models.text_encoder.text_model.state_dict().items())
     with torch.no_grad():
         text = clip.get_text_features(clip.tokenizer()(["a red star"]))
         image = clip.get_image_features(clip.preprocess([world.sample(1, 0)[0]]))
@@ -139,6 +140,7 @@ def test_sd_stage_resumes_with_its_ema(pretrained, tmp_path, monkeypatch, capsys
         out, work = tmp_path / name / "out", tmp_path / name / "work"
         if not work.exists():
             shutil.copytree(pretrained[0] / "model" / "vae", out / "model" / "vae")
+            shutil.copytree(pretrained[0] / "clip", out / "clip")
             work.mkdir()
             shutil.copy(pretrained[1] / "pool-seed0-n300.npz", work)
         pretrain.main(["--stage", "sd", "--output_dir", str(out), "--work_dir", str(work), *POOL,
@@ -154,7 +156,7 @@ def test_sd_stage_resumes_with_its_ema(pretrained, tmp_path, monkeypatch, capsys
 
 
 def test_bad_arguments_fail_early():
-    with pytest.raises(SystemExit, match="--stage must be one of vae, sd, clip, dino, classifier or all"):
+    with pytest.raises(SystemExit, match="--stage must be one of vae, clip, sd, dino, classifier or all"):
         pretrain.parse_args(["--stage", "unet"])
     with pytest.raises(SystemExit, match="give --stage too"):
         pretrain.parse_args(["--max_train_steps", "5"])

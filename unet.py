@@ -4,10 +4,14 @@ Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Lat
 Models") runs the DDPM UNet (Ho et al. 2020) on VAE latents and injects the text through
 cross-attention in "spatial transformers" placed after the ResNet blocks of the upper levels.
 This file mirrors diffusers' `UNet2DConditionModel` (models/unets/unet_2d_condition.py) with the
-blocks it uses for SD 1.x/2.x: CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D,
+blocks it uses for SD 1.x/2.x and SDXL: CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D,
 CrossAttnUpBlock2D (unet_2d_blocks.py), ResnetBlock2D (resnet.py), Transformer2DModel
 (transformers/transformer_2d.py), BasicTransformerBlock / FeedForward (attention.py), GEGLU
 (activations.py), Attention (attention_processor.py), Downsample2D / Upsample2D.
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis")
+is the same network with three config switches: a stack of transformer blocks per level
+(`transformer_layers_per_block`), a head count per level, and `addition_embed_type="text_time"`, which adds
+an embedding of the pooled text and the six size/crop numbers to the timestep embedding (sec. 2.2).
 
 Checkpoint contract: module names equal the keys of `unet/diffusion_pytorch_model.safetensors`
 (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, `mid_block.resnets.1.conv2.bias`,
@@ -15,7 +19,8 @@ Checkpoint contract: module names equal the keys of `unet/diffusion_pytorch_mode
 key map. Every attention goes through `attention.attention`.
 
 Shapes: b batch, c channels, h w latent height and width, n = h*w pixel tokens, m text tokens,
-d text width (`cross_attention_dim`); sample (b, c, h, w), timestep (b,), context (b, m, d).
+d text width (`cross_attention_dim`); sample (b, c, h, w), timestep (b,), context (b, m, d);
+SDXL also takes text_embeds (b, p), the pooled text, and time_ids (b, 6).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -127,20 +132,21 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Run a transformer over the pixels of a feature map, with a residual (diffusers' Transformer2DModel).
+    """Run `depth` transformer blocks over the pixels of a feature map, with a residual (diffusers'
+    Transformer2DModel; SD1/2 use one block, SDXL up to 10: `transformer_layers_per_block`).
 
     SD1 projects in/out with 1x1 convolutions on (b, c, h, w); SD2 with linear layers on (b, n, c)
     (`use_linear_projection`). The two are the same map; only the weight shapes differ.
     """
 
-    def __init__(self, channels: int, heads: int, cfg):
+    def __init__(self, channels: int, heads: int, depth: int, cfg):
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)  # eps 1e-6 is fixed in Transformer2DModel
         proj = nn.Linear if self.linear else (lambda c_in, c_out: nn.Conv2d(c_in, c_out, 1))
         self.proj_in = proj(channels, channels)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, cfg.cross_attention_dim,
-                                                                  cfg.upcast_attention)])
+                                                                  cfg.upcast_attention) for _ in range(depth)])
         self.proj_out = proj(channels, channels)
 
     def forward(self, x, context, ckpt: bool = False):
@@ -200,11 +206,12 @@ class DownBlock(nn.Module):
     the skips: one after each layer and one after the downsampler.
     """
 
-    def __init__(self, c_in: int, c_out: int, heads: int | None, downsample: bool, cfg):
+    def __init__(self, c_in: int, c_out: int, heads: int | None, depth: int, downsample: bool, cfg):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, cfg)
                                       for i in range(cfg.layers_per_block)])
-        self.attentions = nn.ModuleList([SpatialTransformer(c_out, heads, cfg) for _ in self.resnets]) if heads else None
+        self.attentions = nn.ModuleList([SpatialTransformer(c_out, heads, depth, cfg)
+                                         for _ in self.resnets]) if heads else None
         self.downsamplers = nn.ModuleList([Resample(c_out, down=True)]) if downsample else None
 
     def forward(self, x, temb, context, ckpt=False):
@@ -223,9 +230,9 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """ResnetBlock, SpatialTransformer, ResnetBlock at the lowest resolution (diffusers' UNetMidBlock2DCrossAttn)."""
 
-    def __init__(self, channels: int, heads: int, cfg):
+    def __init__(self, channels: int, heads: int, depth: int, cfg):
         super().__init__()
-        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, cfg)])
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, depth, cfg)])
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, cfg) for _ in range(2)])
 
     def forward(self, x, temb, context, ckpt=False):
@@ -238,11 +245,13 @@ class UpBlock(nn.Module):
     """One decoder level: `layers + 1` x (concat a skip, ResnetBlock [+ SpatialTransformer]), then a 2x
     upsample unless last. diffusers' CrossAttnUpBlock2D / UpBlock2D; `skip_channels` in the order used."""
 
-    def __init__(self, c_in: int, c_out: int, skip_channels: list[int], heads: int | None, upsample: bool, cfg):
+    def __init__(self, c_in: int, c_out: int, skip_channels: list[int], heads: int | None, depth: int, upsample: bool,
+                 cfg):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock((c_in if i == 0 else c_out) + c_skip, c_out, cfg)
                                       for i, c_skip in enumerate(skip_channels)])
-        self.attentions = nn.ModuleList([SpatialTransformer(c_out, heads, cfg) for _ in self.resnets]) if heads else None
+        self.attentions = nn.ModuleList([SpatialTransformer(c_out, heads, depth, cfg)
+                                         for _ in self.resnets]) if heads else None
         self.upsamplers = nn.ModuleList([Resample(c_out, down=False)]) if upsample else None
 
     def forward(self, x, skips, temb, context, size=None, ckpt=False):
@@ -257,18 +266,17 @@ class UpBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- config and presets
 
-# Options of UNet2DConditionModel that SD 1.x/2.x leave at these values; any other value is an
-# architecture this file does not build (SDXL's addition embeddings, class embeddings, ...).
-FIXED = {"mid_block_type": "UNetMidBlock2DCrossAttn", "num_attention_heads": None, "transformer_layers_per_block": 1,
+# Options of UNet2DConditionModel that SD 1.x/2.x and SDXL leave at these values; any other value is an
+# architecture this file does not build (class embeddings, IP-adapter projections, ...).
+FIXED = {"mid_block_type": "UNetMidBlock2DCrossAttn", "num_attention_heads": None,
          "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
-         "num_class_embeds": None, "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+         "num_class_embeds": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
          "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
          "timestep_post_act": None, "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1,
          "mid_block_scale_factor": 1, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
          "resnet_out_scale_factor": 1, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
          "cross_attention_norm": None, "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
-         "projection_class_embeddings_input_dim": None, "reverse_transformer_layers_per_block": None,
-         "encoder_hid_dim_type": None, "addition_time_embed_dim": None, "dropout": 0.0}
+         "reverse_transformer_layers_per_block": None, "encoder_hid_dim_type": None, "dropout": 0.0}
 UP_BLOCK = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
 
@@ -277,7 +285,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...]     # channels per level, top (full resolution) first
     cross_attn: tuple[bool, ...]            # per level: CrossAttnDownBlock2D (True) or DownBlock2D; up blocks mirror
     num_heads: tuple[int, ...]              # attention heads per level (the mid block uses the last)
-    cross_attention_dim: int                # width of the text tokens: 768 (CLIP-L) or 1024 (OpenCLIP-H)
+    cross_attention_dim: int                # width of the text tokens: 768 (CLIP-L), 1024 (OpenCLIP-H), 2048 (SDXL)
     use_linear_projection: bool = False     # SD2: Linear proj_in/out; SD1: 1x1 Conv2d
     upcast_attention: bool = False          # attention in float32 (SD2.1-768)
     layers_per_block: int = 2
@@ -288,14 +296,22 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int | None = 64            # latent side the model was trained at (512 px / 8)
+    transformer_layers_per_block: tuple[int, ...] | None = None  # blocks per SpatialTransformer, per level; None: 1s
+    addition_embed_type: str | None = None  # "text_time" (SDXL): the pooled text and time_ids join the time embedding
+    addition_time_embed_dim: int = 256      # sinusoid width of each of the six time ids (SDXL: 256)
+    projection_class_embeddings_input_dim: int = 2816  # add_embedding's input: pooled width + 6 x the above
 
     def __post_init__(self):
-        for key in ("block_out_channels", "cross_attn", "num_heads"):  # lists from JSON -> tuples, so configs compare
-            object.__setattr__(self, key, tuple(getattr(self, key)))
         levels = len(self.block_out_channels)
-        if len(self.cross_attn) != levels or len(self.num_heads) != levels:
-            raise ValueError(f"UNetConfig: {levels} levels but {len(self.cross_attn)} block types and "
-                             f"{len(self.num_heads)} head counts")
+        object.__setattr__(self, "transformer_layers_per_block", self.transformer_layers_per_block or (1,) * levels)
+        for key in ("block_out_channels", "cross_attn", "num_heads", "transformer_layers_per_block"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))  # lists from JSON -> tuples, so configs compare
+        if {len(self.cross_attn), len(self.num_heads), len(self.transformer_layers_per_block)} != {levels}:
+            raise ValueError(f"UNetConfig: {levels} levels but {len(self.cross_attn)} block types, {len(self.num_heads)} "
+                             f"head counts and {len(self.transformer_layers_per_block)} transformer_layers_per_block")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNetConfig: addition_embed_type '{self.addition_embed_type}' is not supported "
+                             f"(None, or SDXL's 'text_time')")
         for c, h in zip(self.block_out_channels, self.num_heads):
             if c % h or c % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: {c} channels must split into {h} heads and {self.norm_num_groups} groups")
@@ -323,7 +339,14 @@ class UNetConfig:
         # diffusers' misnomer: `attention_head_dim` holds the NUMBER of heads (int, or one per level);
         # UNet2DConditionModel does `num_attention_heads = num_attention_heads or attention_head_dim`.
         heads = d.get("attention_head_dim", 8)
-        return cls(block_out_channels=tuple(d.get("block_out_channels", (320, 640, 1280, 1280))),
+        depth = d.get("transformer_layers_per_block", 1)
+        if not all(isinstance(n, int) for n in ([depth] if isinstance(depth, int) else depth)):
+            raise ValueError(f"unet config: transformer_layers_per_block={depth!r}: one int per level, not per block")
+        extra = {k: d[k] for k in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+                 if d.get(k) is not None}
+        return cls(**extra, addition_embed_type=d.get("addition_embed_type"),
+                   transformer_layers_per_block=(depth,) * len(down) if isinstance(depth, int) else tuple(depth),
+                   block_out_channels=tuple(d.get("block_out_channels", (320, 640, 1280, 1280))),
                    cross_attn=tuple(t == "CrossAttnDownBlock2D" for t in down),
                    num_heads=(heads,) * len(down) if isinstance(heads, int) else tuple(heads),
                    cross_attention_dim=d.get("cross_attention_dim", 1280),
@@ -337,6 +360,10 @@ class UNetConfig:
     def to_json(self) -> dict:
         """A `config.json` that diffusers' UNet2DConditionModel.from_config builds the same network from."""
         d = {k: v for k, v in asdict(self).items() if k not in ("cross_attn", "num_heads")}
+        depth = self.transformer_layers_per_block
+        d["transformer_layers_per_block"] = depth[0] if len(set(depth)) == 1 else list(depth)
+        if self.addition_embed_type is None:  # diffusers writes null for these when there is no addition embedding
+            d.update(addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
         down = ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in self.cross_attn]
         heads = self.num_heads[0] if len(set(self.num_heads)) == 1 else list(self.num_heads)
         d.update(block_out_channels=list(self.block_out_channels), down_block_types=down,
@@ -363,6 +390,21 @@ class UNetConfig:
         return cls(block_out_channels=(16, 32), cross_attn=(True, False), num_heads=(2, 4), cross_attention_dim=32,
                    use_linear_projection=True, layers_per_block=1, norm_num_groups=8, sample_size=16)
 
+    @classmethod
+    def sdxl(cls):  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: no attention at the top level,
+        # 2 and 10 transformer blocks below, CLIP-L + OpenCLIP-bigG tokens (768 + 1280 = 2048), 1024 px
+        return cls(block_out_channels=(320, 640, 1280), cross_attn=(False, True, True), num_heads=(5, 10, 20),
+                   cross_attention_dim=2048, use_linear_projection=True, sample_size=128,
+                   transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
+                   addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)  # 1280 + 6 * 256
+
+    @classmethod
+    def tiny_sdxl(cls):  # SDXL-like: text tokens 32 + 48 wide (TextEncoderConfig.tiny_sdxl_1/_2), pooled 24 wide
+        return cls(block_out_channels=(16, 32), cross_attn=(False, True), num_heads=(2, 4), cross_attention_dim=80,
+                   use_linear_projection=True, layers_per_block=1, norm_num_groups=8, sample_size=16,
+                   transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=24 + 6 * 8)
+
 
     @classmethod
     def toy(cls):  # the toy world's model (pretrain.py): 16x16 latents, cross-attention at 8x8 and 4x4 only (a
@@ -371,7 +413,8 @@ class UNetConfig:
                    cross_attention_dim=64, layers_per_block=1, norm_num_groups=16, sample_size=16)
 
 
-PRESETS = {"sd15": UNetConfig.sd15(), "sd21": UNetConfig.sd21(), "tiny": UNetConfig.tiny(), "tiny_sd2": UNetConfig.tiny_sd2()}
+PRESETS = {"sd15": UNetConfig.sd15(), "sd21": UNetConfig.sd21(), "sdxl": UNetConfig.sdxl(), "tiny": UNetConfig.tiny(),
+           "tiny_sd2": UNetConfig.tiny_sd2(), "tiny_sdxl": UNetConfig.tiny_sdxl()}
 
 # ----------------------------------------------------------------------------- the model
 
@@ -385,6 +428,8 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False
         channels = cfg.block_out_channels
         self.time_embedding = TimestepEmbedding(channels[0], cfg.time_embed_dim)
+        if cfg.addition_embed_type == "text_time":  # SDXL; its `add_time_proj` sinusoid has no weights
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
 
         levels = len(channels)
@@ -394,10 +439,10 @@ class UNet(nn.Module):
             last = i == levels - 1
             c_in = channels[max(i - 1, 0)]
             heads = cfg.num_heads[i] if cfg.cross_attn[i] else None
-            self.down_blocks.append(DownBlock(c_in, c, heads, not last, cfg))
+            self.down_blocks.append(DownBlock(c_in, c, heads, cfg.transformer_layers_per_block[i], not last, cfg))
             skip_channels += [c] * (cfg.layers_per_block + (not last))
 
-        self.mid_block = MidBlock(channels[-1], cfg.num_heads[-1], cfg)
+        self.mid_block = MidBlock(channels[-1], cfg.num_heads[-1], cfg.transformer_layers_per_block[-1], cfg)
 
         self.up_blocks = nn.ModuleList()
         for i, c in reversed(list(enumerate(channels))):
@@ -405,18 +450,28 @@ class UNet(nn.Module):
             heads = cfg.num_heads[i] if cfg.cross_attn[i] else None
             n = cfg.layers_per_block + 1
             skip_channels, used = skip_channels[:-n], skip_channels[-n:]
-            self.up_blocks.append(UpBlock(c_in, c, used[::-1], heads, i > 0, cfg))
+            self.up_blocks.append(UpBlock(c_in, c, used[::-1], heads, cfg.transformer_layers_per_block[i], i > 0, cfg))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        """SDXL's `text_embeds` and `time_ids` are what diffusers passes as `added_cond_kwargs`."""
         cfg, context = self.config, encoder_hidden_states
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         # 1. timestep embedding: one t per sample; a python number or a 0-d tensor is used for the whole batch
         t = torch.as_tensor(timestep, device=sample.device).flatten().expand(sample.shape[0])
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(temb.to(sample.dtype))  # built in float32; diffusers casts it to the sample's dtype
+        if cfg.addition_embed_type == "text_time":
+            # SDXL sec. 2.2: each of the six time ids (original size, crop top-left, target size) becomes a
+            # sinusoid like the timestep's (`add_time_proj`); with the pooled text they are one more embedding
+            if text_embeds is None or time_ids is None:
+                raise ValueError("an SDXL UNet needs text_embeds (the pooled text) and time_ids (b, 6)")
+            ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                     cfg.freq_shift)
+            ids = rearrange(ids, "(b k) d -> b (k d)", b=text_embeds.shape[0])
+            temb = temb + self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))
         # 2. encoder: every layer's output is kept for the decoder
         x = self.conv_in(sample)
         skips = [x]

@@ -45,7 +45,27 @@ SD21_JSON = {
     "use_linear_projection": True,
 }
 
-TINY = ["tiny", "tiny_sd2"]
+# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0, as on the Hub
+SDXL_JSON = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "cross_attention_dim": 2048, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+    "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
+    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+TINY = ["tiny", "tiny_sd2", "tiny_sdxl"]
 
 
 def twins(name):
@@ -69,6 +89,16 @@ def inputs(config, h=8, w=12, batch=2, tokens=7, seed=1):
     return sample, t, context
 
 
+def added(config, batch=2, seed=2):
+    """SDXL's extra inputs: a pooled text vector and six size/crop numbers per sample (none for SD1/2)."""
+    if config.addition_embed_type is None:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    time_ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 768.0, 1024.0]])
+    return {"text_embeds": torch.randn(batch, pooled, generator=g), "time_ids": time_ids[:batch]}
+
+
 def max_diff(a, b):
     return (a - b).abs().max().item()
 
@@ -76,17 +106,32 @@ def max_diff(a, b):
 # ----------------------------------------------------------------------------- parity with diffusers
 
 
-@pytest.mark.parametrize("name, size", [("tiny", (16, 24)), ("tiny_sd2", (16, 24)),
+@pytest.mark.parametrize("name, size", [("tiny", (16, 24)), ("tiny_sd2", (16, 24)), ("tiny_sdxl", (16, 24)),
                                         ("tiny", (15, 21))])  # odd sizes: upsampling to the skip's size
 def test_matches_diffusers(name, size):
     ours, theirs = twins(name)
     sample, t, context = inputs(ours.config, *size)
+    extra = added(ours.config)
     with torch.no_grad():
-        expected = theirs(sample, t, encoder_hidden_states=context).sample
-        got = ours(sample, t, context)
+        expected = theirs(sample, t, encoder_hidden_states=context, added_cond_kwargs=extra).sample
+        got = ours(sample, t, context, **extra)
     assert got.shape == sample.shape
     assert expected.abs().max() > 0.1  # a real signal, not a degenerate all-zero output
     assert max_diff(got, expected) < 1e-5
+
+
+def test_sdxl_added_conditioning_matters():
+    ours, _ = twins("tiny_sdxl")
+    sample, t, context = inputs(ours.config)
+    extra = added(ours.config)
+    with torch.no_grad():
+        base = ours(sample, t, context, **extra)
+        other_size = ours(sample, t, context, extra["text_embeds"], extra["time_ids"] + 64)
+        other_pooled = ours(sample, t, context, 2 * extra["text_embeds"], extra["time_ids"])
+    assert max_diff(base, other_size) > 1e-3 and max_diff(base, other_pooled) > 1e-3
+    assert [len(b.attentions[0].transformer_blocks) for b in ours.down_blocks if b.attentions] == [2]
+    with pytest.raises(ValueError, match="text_embeds"):
+        ours(sample, t, context)
 
 
 def test_timesteps_are_per_sample_and_scalars_broadcast():
@@ -108,7 +153,8 @@ def test_timesteps_are_per_sample_and_scalars_broadcast():
 
 
 @pytest.mark.parametrize("hub_json, preset, n_params", [(SD15_JSON, "sd15", 859_520_964),
-                                                         (SD21_JSON, "sd21", 865_910_724)])
+                                                         (SD21_JSON, "sd21", 865_910_724),
+                                                         (SDXL_JSON, "sdxl", 2_567_463_684)])
 def test_full_size_matches_hub_checkpoint_layout(hub_json, preset, n_params):
     config = UNetConfig.from_json(hub_json)
     assert config == getattr(UNetConfig, preset)() == unet.PRESETS[preset]
@@ -135,11 +181,12 @@ def test_config_names_heads_honestly():
 
 
 @pytest.mark.parametrize("change", [
-    {"addition_embed_type": "text_time"},                       # SDXL
+    {"addition_embed_type": "text"},                            # Kandinsky / UnCLIP-style text embedding
     {"class_embed_type": "timestep"},
     {"num_class_embeds": 10},
     {"time_cond_proj_dim": 256},                                # LCM
-    {"transformer_layers_per_block": [1, 2, 10, 10]},
+    {"transformer_layers_per_block": [[1, 2], [2, 2], [10, 10], [1, 1]]},  # per block: not SDXL
+    {"transformer_layers_per_block": [1, 2, 10]},               # three depths for four levels
     {"down_block_types": ["AttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
     {"up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]},
     {"cross_attention_dim": [768, 768, 768, 768]},
@@ -193,6 +240,7 @@ def test_gradient_checkpointing_gives_same_output_and_grads(monkeypatch):
 def test_manual_attention_path_matches_sdpa(name, monkeypatch):
     ours, _ = twins(name)
     sample, t, context = inputs(ours.config)
+    extra = added(ours.config)
     calls = []
     real = unet.attention
     monkeypatch.setattr(unet, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -200,14 +248,14 @@ def test_manual_attention_path_matches_sdpa(name, monkeypatch):
     try:
         with torch.no_grad():
             attention.use_sdpa(True)
-            fast = ours(sample, t, context)
+            fast = ours(sample, t, context, **extra)
             attention.use_sdpa(False)
-            manual = ours(sample, t, context)
+            manual = ours(sample, t, context, **extra)
     finally:
         attention.use_sdpa(previous)
-    n_transformers = sum(len(b.attentions) for b in [*ours.down_blocks, ours.mid_block, *ours.up_blocks]
-                         if b.attentions is not None)
-    assert len(calls) == 2 * 2 * n_transformers  # self + cross attention per transformer, two forward passes
+    n_blocks = sum(len(a.transformer_blocks) for b in [*ours.down_blocks, ours.mid_block, *ours.up_blocks]
+                   if b.attentions is not None for a in b.attentions)
+    assert len(calls) == 2 * 2 * n_blocks  # self + cross attention per transformer block, two forward passes
     assert max_diff(fast, manual) < 1e-5
 
 
@@ -218,20 +266,21 @@ def test_manual_attention_path_matches_sdpa(name, monkeypatch):
 def test_from_pretrained_round_trips_with_diffusers(name, tmp_path):
     ours, theirs = twins(name)
     sample, t, context = inputs(ours.config)
+    extra = added(ours.config)
     with torch.no_grad():
-        expected = theirs(sample, t, encoder_hidden_states=context).sample
+        expected = theirs(sample, t, encoder_hidden_states=context, added_cond_kwargs=extra).sample
 
     theirs.save_pretrained(tmp_path / "pipe" / "unet")
     for loaded in (UNet.from_pretrained(tmp_path / "pipe" / "unet"), UNet.from_pretrained(tmp_path / "pipe"),
                    UNet.from_pretrained(str(tmp_path / "pipe"), subfolder="unet")):
         assert loaded.config == ours.config and not loaded.training
         with torch.no_grad():
-            assert max_diff(loaded(sample, t, context), expected) < 1e-5
+            assert max_diff(loaded(sample, t, context, **extra), expected) < 1e-5
 
     ours.save_pretrained(tmp_path / "ours")
     back = UNet2DConditionModel.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
-        assert max_diff(back(sample, t, encoder_hidden_states=context).sample, expected) < 1e-5
+        assert max_diff(back(sample, t, encoder_hidden_states=context, added_cond_kwargs=extra).sample, expected) < 1e-5
 
 
 def test_dtype_on_load_and_save(tmp_path):

@@ -4,12 +4,14 @@ CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Lan
 `CLIPTokenizer` mirrors OpenAI's `clip/simple_tokenizer.py` with the text cleaning of transformers'
 `CLIPTokenizer` (transformers 5, models/clip/tokenization_clip.py: NFC, whitespace runs -> one space, lower
 case; OpenAI's ftfy and HTML unescaping are not done, nor transformers 4's ftfy-less fallback, which split CJK
-characters apart). `CLIPTextModel` mirrors transformers' `CLIPTextModel` (models/clip/modeling_clip.py).
+characters apart). `CLIPTextModel` mirrors transformers' `CLIPTextModel` (models/clip/modeling_clip.py) and,
+with `projection_dim` set, `CLIPTextModelWithProjection` (SDXL's second encoder: the pooled output goes
+through `text_projection`). SDXL conditions on the penultimate layer's states: `output_hidden_states`.
 
 Checkpoint contract: module names equal the keys of the Hub's `text_encoder/model.safetensors`
 (`text_model.embeddings.token_embedding.weight`, `text_model.encoder.layers.0.self_attn.q_proj.weight`,
 `text_model.encoder.layers.11.mlp.fc2.bias`, `text_model.final_layer_norm.weight`), so official weights
-load with strict=True. The tokenizer reads the Hub's `tokenizer/` folder (vocab.json + merges.txt, or
+load with strict=True (plus `text_projection.weight` for the projection variant). The tokenizer reads the Hub's `tokenizer/` folder (vocab.json + merges.txt, or
 transformers 5's tokenizer.json) or, with no folder, the merges file shipped in `assets/`.
 
 Shapes: b batch, n = 77 token positions, d hidden width; input_ids (b, n), hidden states (b, n, d).
@@ -284,18 +286,25 @@ class TextEncoderConfig:
     vocab_size: int = 49408                 # grows when Textual Inversion adds tokens
     max_position_embeddings: int = 77
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None       # CLIPTextModelWithProjection's text_projection width (SDXL's 2nd: 1280)
 
     @classmethod
     def from_json(cls, d: dict) -> "TextEncoderConfig":
-        """Read transformers' CLIPTextConfig json (`text_encoder/config.json`); missing keys take its defaults."""
+        """Read transformers' CLIPTextConfig json (`text_encoder/config.json`); missing keys take its defaults.
+        Every CLIPTextConfig has a `projection_dim` (512 by default); only the WithProjection model uses it."""
         if d.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
             raise ValueError(f"text encoder config: hidden_act={d['hidden_act']!r}, expected one of {list(ACTIVATIONS)}")
         defaults = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8}  # CLIPTextConfig's
-        return cls(**{k: d.get(k, defaults.get(k, v)) for k, v in asdict(cls()).items()})
+        config = {k: d.get(k, defaults.get(k, v)) for k, v in asdict(cls()).items()}
+        projects = "CLIPTextModelWithProjection" in (d.get("architectures") or [])
+        return cls(**{**config, "projection_dim": d.get("projection_dim", 512) if projects else None})
 
     def to_json(self) -> dict:
-        """A config.json that transformers' CLIPTextModel builds the same network from."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **asdict(self),
+        """A config.json that transformers' CLIPTextModel (or CLIPTextModelWithProjection) builds the same network
+        from."""
+        d = {k: v for k, v in asdict(self).items() if k != "projection_dim" or v is not None}
+        architecture = "CLIPTextModelWithProjection" if self.projection_dim else "CLIPTextModel"
+        return {"architectures": [architecture], "model_type": "clip_text_model", **d,
                 "bos_token_id": 49406, "eos_token_id": EOS_ID}  # the real ids: see CLIPTextTransformer.forward
 
     @classmethod
@@ -321,14 +330,26 @@ class TextEncoderConfig:
     def tiny_sd2(cls):  # SD2-like: gelu
         return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu")
 
+    # SDXL has two: text_encoder/ is CLIP ViT-L/14's text tower (= sd15), text_encoder_2/ OpenCLIP ViT-bigG/14's
+    @classmethod
+    def sdxl_2(cls):  # stabilityai/stable-diffusion-xl-base-1.0, text_encoder_2/config.json
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
+
+    @classmethod
+    def tiny_sdxl_2(cls):  # SDXL-like second encoder, 48 wide (the first is `tiny`, 32 wide), pooled projected to 24
+        return cls(hidden_size=48, intermediate_size=61, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu",
+                   projection_dim=24)
+
 
 def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's sigmoid approximation of GELU
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # transformers' "gelu" is the exact (erf) one
-PRESETS = {"sd15": TextEncoderConfig.sd15(), "sd21": TextEncoderConfig.sd21(), "tiny": TextEncoderConfig.tiny(),
-           "tiny_sd2": TextEncoderConfig.tiny_sd2()}
+PRESETS = {"sd15": TextEncoderConfig.sd15(), "sd21": TextEncoderConfig.sd21(), "sdxl_2": TextEncoderConfig.sdxl_2(),
+           "tiny": TextEncoderConfig.tiny(), "tiny_sd2": TextEncoderConfig.tiny_sd2(),
+           "tiny_sdxl_2": TextEncoderConfig.tiny_sdxl_2()}
 
 # ----------------------------------------------------------------------------- transformer blocks (text and vision)
 
@@ -375,9 +396,14 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(hidden, heads, mlp, act, eps) for _ in range(layers))
 
-    def forward(self, x, causal: bool, ckpt: bool = False):
+    def forward(self, x, causal: bool, ckpt: bool = False, hidden_states: list | None = None):
+        """`hidden_states`, when given, collects the input and each layer's output (transformers' hidden_states)."""
         for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = checkpoint(layer, x, causal, use_reentrant=False) if ckpt else layer(x, causal)
+        if hidden_states is not None:
+            hidden_states.append(x)
         return x
 
 # ----------------------------------------------------------------------------- the text model
@@ -404,8 +430,8 @@ class CLIPTextTransformer(nn.Module):
                                    cfg.num_hidden_layers, cfg.hidden_act, cfg.layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids, inputs_embeds=None, ckpt: bool = False):
-        x = self.encoder(self.embeddings(input_ids, inputs_embeds), causal=True, ckpt=ckpt)
+    def forward(self, input_ids, inputs_embeds=None, ckpt: bool = False, hidden_states: list | None = None):
+        x = self.encoder(self.embeddings(input_ids, inputs_embeds), causal=True, ckpt=ckpt, hidden_states=hidden_states)
         x = self.final_layer_norm(x)
         # Pool at the first EOS. OpenAI (and transformers when a config says `eos_token_id: 2`) take
         # input_ids.argmax(), which is the same position while EOS 49407 is the largest id, but points at the
@@ -417,12 +443,15 @@ class CLIPTextTransformer(nn.Module):
 def hub_keys(sd: dict) -> dict:
     """transformers 5 saves the keys without `text_model.`; some transformers 4 files carry the
     `embeddings.position_ids` buffer (always arange(77)), which we compute instead."""
-    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()
+    return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in sd.items()
             if not k.endswith("embeddings.position_ids")}
 
 
 class CLIPTextModel(nn.Module):
-    """input_ids (b, 77) -> (last_hidden_state (b, 77, d), pooled (b, d)). SD conditions on the former.
+    """input_ids (b, 77) -> (last_hidden_state (b, 77, d), pooled (b, d)). SD1/2 condition on the former.
+    With `projection_dim` the pooled output goes through `text_projection` (b, p): transformers'
+    CLIPTextModelWithProjection's `text_embeds`. `output_hidden_states` adds a third item, the embeddings and
+    every layer's output (num_hidden_layers + 1 of them, before the final LayerNorm): SDXL reads [-2].
     `inputs_embeds` (b, 77, d) replaces the token-embedding lookup (pseudo-words); ids still locate the EOS."""
 
     def __init__(self, config: TextEncoderConfig):
@@ -430,10 +459,16 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         self.text_model = CLIPTextTransformer(config)
+        if config.projection_dim:
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def forward(self, input_ids, inputs_embeds=None):
+    def forward(self, input_ids, inputs_embeds=None, output_hidden_states: bool = False):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        return self.text_model(input_ids, inputs_embeds, ckpt)
+        states = [] if output_hidden_states else None
+        x, pooled = self.text_model(input_ids, inputs_embeds, ckpt, states)
+        if self.config.projection_dim:
+            pooled = self.text_projection(pooled)
+        return (x, pooled, tuple(states)) if output_hidden_states else (x, pooled)
 
     # ------------------------------------------------------------------------- loading and saving
 

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig
 from transformers import CLIPTextModel as HFTextModel
+from transformers import CLIPTextModelWithProjection as HFTextModelWithProjection
 from transformers import CLIPTokenizer as HFTokenizer
 
 import hub
-from text_encoder import (EOS_ID, MERGES_FILE, PRESETS, CLIPTextModel, CLIPTokenizer, TextEncoderConfig,
+from text_encoder import (EOS_ID, MERGES_FILE, PRESETS, CLIPTextModel, CLIPTokenizer, TextEncoderConfig, hub_keys,
                           shipped_vocab)
 
 # ----------------------------------------------------------------------------- tokenizer fixtures
@@ -207,16 +208,56 @@ SD15_JSON = {"_name_or_path": "openai/clip-vit-large-patch14", "architectures": 
              "torch_dtype": "float32", "transformers_version": "4.22.0.dev0", "vocab_size": 49408}
 SD21_JSON = {**SD15_JSON, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
              "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512}
+# text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0 (text_encoder/ is SD15_JSON's CLIP-L)
+SDXL2_JSON = {**SD15_JSON, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+              "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+              "projection_dim": 1280, "bos_token_id": 0, "eos_token_id": 2, "transformers_version": "4.32.0.dev0"}
 PROMPTS = ["a photo of sks dog in the snow", "an oil painting of a cat wearing a hat, trending on artstation"]
 
 
 def reference_pair(config: TextEncoderConfig, seed=0):
-    """transformers' CLIPTextModel built from our to_json() with random weights, and ours holding the same."""
+    """transformers' CLIPTextModel (WithProjection when `projection_dim`) built from our to_json() with random
+    weights, and ours holding the same."""
     torch.manual_seed(seed)
-    theirs = HFTextModel(CLIPTextConfig(**config.to_json())).eval()
+    cls = HFTextModelWithProjection if config.projection_dim else HFTextModel
+    theirs = cls(CLIPTextConfig(**config.to_json())).eval()
     ours = CLIPTextModel(config).eval()
-    ours.load_state_dict({f"text_model.{k}": v for k, v in theirs.state_dict().items()}, strict=True)
+    ours.load_state_dict(hub_keys(theirs.state_dict()), strict=True)
     return ours, theirs
+
+
+@pytest.mark.parametrize("name,pad", [("tiny", None), ("tiny_sdxl_2", "!")])
+def test_sdxl_outputs_match_transformers(name, pad):
+    """SDXL reads both encoders' penultimate states (hidden_states[-2]) and the second one's projected pooled
+    output (CLIPTextModelWithProjection.text_embeds)."""
+    ours, theirs = reference_pair(PRESETS[name], seed=3)
+    ids = CLIPTokenizer.from_pretrained(None, pad_token=pad)(PROMPTS)
+    with torch.no_grad():
+        hidden, pooled, states = ours(ids, output_hidden_states=True)
+        ref = theirs(input_ids=ids, output_hidden_states=True)
+        assert len(states) == len(ref.hidden_states) == ours.config.num_hidden_layers + 1
+        for a, b in zip(states, ref.hidden_states):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hidden, ref.last_hidden_state, rtol=0, atol=1e-5)
+        expected_pooled = ref.text_embeds if ours.config.projection_dim else ref.pooler_output
+        torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-5)
+        assert (states[-2] - hidden).abs().max() > 0.1  # the penultimate state is not the final one
+    if ours.config.projection_dim:
+        assert pooled.shape == (2, ours.config.projection_dim) != hidden[:, 0].shape
+
+
+def test_projection_model_loads_and_saves_in_transformers_layout(tmp_path):
+    _, theirs = reference_pair(TextEncoderConfig.tiny_sdxl_2(), seed=4)
+    ids = CLIPTokenizer.from_pretrained(None, pad_token="!")(PROMPTS)
+    theirs.save_pretrained(tmp_path / "pipe" / "text_encoder_2")
+    model = CLIPTextModel.from_pretrained(tmp_path / "pipe", subfolder="text_encoder_2")
+    assert model.config == TextEncoderConfig.tiny_sdxl_2()
+    model.save_pretrained(tmp_path / "ours")
+    assert "text_projection.weight" in load_file(tmp_path / "ours" / "model.safetensors")
+    again = HFTextModelWithProjection.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[1], theirs(input_ids=ids).text_embeds, rtol=0, atol=1e-5)
+        torch.testing.assert_close(again(input_ids=ids).text_embeds, theirs(input_ids=ids).text_embeds, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,pad", [("tiny", None), ("tiny_sd2", "!")])
@@ -260,15 +301,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("hub_json,preset,params", [(SD15_JSON, "sd15", 123_060_480), (SD21_JSON, "sd21", None)])
+@pytest.mark.parametrize("hub_json,preset,params", [(SD15_JSON, "sd15", 123_060_480), (SD21_JSON, "sd21", None),
+                                                    (SDXL2_JSON, "sdxl_2", 694_659_840)])
 def test_full_size_keys_and_shapes_on_meta(hub_json, preset, params):
     config = TextEncoderConfig.from_json(hub_json)
     assert config == PRESETS[preset]
+    cls = HFTextModelWithProjection if preset == "sdxl_2" else HFTextModel
     with torch.device("meta"):
         ours = CLIPTextModel(config)
-        theirs = HFTextModel(CLIPTextConfig(**hub_json))
+        theirs = cls(CLIPTextConfig(**hub_json))
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    their_shapes = {f"text_model.{k}": tuple(v.shape) for k, v in theirs.state_dict().items()}
+    their_shapes = {k: tuple(v.shape) for k, v in hub_keys(theirs.state_dict()).items()}
+    assert ("text_projection.weight" in ours_shapes) == (preset == "sdxl_2")
     assert ours_shapes == their_shapes
     assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in ours_shapes
     n = sum(p.numel() for p in ours.parameters())
@@ -282,7 +326,8 @@ def test_config_json_round_trip():
     for config in PRESETS.values():
         d = config.to_json()
         assert TextEncoderConfig.from_json(json.loads(json.dumps(d))) == config
-        assert d["architectures"] == ["CLIPTextModel"] and d["model_type"] == "clip_text_model"
+        assert d["architectures"] == ["CLIPTextModelWithProjection" if config.projection_dim else "CLIPTextModel"]
+        assert d["model_type"] == "clip_text_model"
         theirs = CLIPTextConfig(**d)
         assert (theirs.hidden_act, theirs.num_hidden_layers, theirs.eos_token_id) == \
                (config.hidden_act, config.num_hidden_layers, EOS_ID)

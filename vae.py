@@ -247,6 +247,10 @@ class VAEConfig:
     # Latents are multiplied by this before the UNet sees them (LDM's `scale_factor`, chosen so they have
     # unit variance). diffusers' default, and the value when SD2's config.json leaves it out (sd-reference.md).
     scaling_factor: float = 0.18215
+    # SDXL's VAE (scaling_factor 0.13025) overflows in float16, so its file sets force_upcast and diffusers decodes
+    # in float32 unless a fixed VAE says false. diffusers' default is true, but the SD1/2 files predate the key and
+    # their pipelines ignore it: false here when a file lacks it.
+    force_upcast: bool = False
 
     @classmethod
     def sd(cls) -> "VAEConfig":
@@ -302,6 +306,10 @@ PRESETS = {
     # The toy world's VAE (pretrain.py): three levels, so 64 px images -> (b, 4, 16, 16) latents (factor 4). Its
     # scaling_factor is measured after training (1 / std of the latents, as LDM chose 0.18215).
     "toy": VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    # stabilityai/stable-diffusion-xl-base-1.0, vae/config.json: SD's architecture, retrained
+    "sdxl": VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    "tiny_sdxl": VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+                           scaling_factor=0.13025, force_upcast=True),
 }
 
 
@@ -339,10 +347,13 @@ class VAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, subfolder: str | None = "vae", dtype=torch.float32, device="cpu",
-                        variant: str | None = None, revision: str | None = None) -> "VAE":
-        """From a Hub repo id, a pipeline folder (uses `subfolder`) or a `vae/` folder in the diffusers layout."""
+                        variant: str | None = None, revision: str | None = None, upcast: bool = False) -> "VAE":
+        """From a Hub repo id, a pipeline folder (uses `subfolder`) or a `vae/` folder in the diffusers layout.
+        `upcast`: float32 instead of a float16 `dtype` when the config says `force_upcast` (SDXL)."""
         folder = hub.fetch_component(name_or_path, subfolder, WEIGHTS_STEMS, variant, revision)
         config = VAEConfig.from_json(hub.read_json(folder / "config.json"))
+        if upcast and config.force_upcast and dtype == torch.float16:
+            dtype = torch.float32
         return hub.load_model(lambda: cls(config), folder, WEIGHTS_STEMS, variant, dtype, device,
                               fix_keys=rename_legacy_attention)
 

@@ -31,6 +31,10 @@ SD21_HUB_CONFIG = {
     "sample_size": 768, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
+# vae/config.json of stabilityai/stable-diffusion-xl-base-1.0: SD's architecture, its own scale, force_upcast.
+SDXL_HUB_CONFIG = {**SD15_HUB_CONFIG, "_diffusers_version": "0.20.0.dev0", "sample_size": 1024,
+                   "scaling_factor": 0.13025, "force_upcast": True}
+
 
 @pytest.fixture(scope="module")
 def reference():
@@ -150,7 +154,9 @@ def test_full_size_matches_diffusers_on_meta():
 def test_configs():
     assert VAEConfig.from_json(SD15_HUB_CONFIG) == VAEConfig.sd() == VAEConfig.sd15() == PRESETS["sd15"]
     sd21 = VAEConfig.from_json(SD21_HUB_CONFIG)
-    assert sd21 == VAEConfig.sd21() and sd21.scaling_factor == 0.18215
+    assert sd21 == VAEConfig.sd21() and sd21.scaling_factor == 0.18215 and not sd21.force_upcast
+    assert VAEConfig.from_json(SDXL_HUB_CONFIG) == PRESETS["sdxl"]
+    assert PRESETS["sdxl"].scaling_factor == 0.13025 and PRESETS["sdxl"].force_upcast
     for cfg in PRESETS.values():
         assert VAEConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
     tiny = AutoencoderKL.from_config(VAEConfig.tiny().to_json())  # diffusers reads our config.json as we meant it
@@ -183,6 +189,14 @@ def test_save_and_load_dtypes(ours, tmp_path):
     half = VAE.from_pretrained(tmp_path, dtype=torch.float16)
     assert all(p.dtype == torch.float16 for p in half.parameters())
     assert_close(half.decoder.conv_out.weight, ours.decoder.conv_out.weight.half(), tol=1e-7)
+    # force_upcast (SDXL): a float16 load asked to `upcast` keeps this VAE float32; without the flag it is float16
+    assert VAE.from_pretrained(tmp_path, dtype=torch.float16, upcast=True).decoder.conv_out.weight.dtype == torch.float16
+    xl = VAE(PRESETS["tiny_sdxl"])
+    xl.load_state_dict(ours.state_dict())
+    xl.save_pretrained(tmp_path / "xl")
+    assert AutoencoderKL.from_pretrained(tmp_path / "xl").config.force_upcast is True
+    assert VAE.from_pretrained(tmp_path / "xl", dtype=torch.float16, upcast=True).decoder.conv_out.weight.dtype == torch.float32
+    assert VAE.from_pretrained(tmp_path / "xl", dtype=torch.float16).decoder.conv_out.weight.dtype == torch.float16
 
 
 @pytest.mark.parametrize("conv_shaped", [False, True])

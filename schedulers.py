@@ -1,4 +1,4 @@
-"""Noise schedule and samplers for Stable Diffusion: the forward process and three ways to reverse it.
+"""Noise schedule and samplers for Stable Diffusion: the forward process and four ways to reverse it.
 
 - `NoiseSchedule`: the discrete forward process q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I) of DDPM
   (Ho et al. 2020, https://arxiv.org/abs/2006.11239), where a_t = prod_{s<=t} (1 - beta_s) is
@@ -7,18 +7,21 @@
   inference timesteps of each sampler.
 - Samplers, each a pure `*_step` function and a loop with one signature,
   `*_sample(model_fn, latents, schedule, steps, eta, generator, progress)`:
-  DDIM (Song et al. 2020, https://arxiv.org/abs/2010.02502), ancestral DDPM, and DPM-Solver++(2M)
-  (Lu et al. 2022, https://arxiv.org/abs/2211.01095).
+  DDIM (Song et al. 2020, https://arxiv.org/abs/2010.02502), ancestral DDPM, DPM-Solver++(2M)
+  (Lu et al. 2022, https://arxiv.org/abs/2211.01095), and Euler's method on the probability-flow ODE in
+  sigma (Karras et al. 2022, https://arxiv.org/abs/2206.00364, Algorithm 1 without its 2nd-order step;
+  SDXL's default scheduler).
 
-Mirrors diffusers' `schedulers/scheduling_ddim.py`, `scheduling_ddpm.py` and
-`scheduling_dpmsolver_multistep.py` (algorithm_type "dpmsolver++", solver_order 2, their defaults)
-step for step: the same config gives the same timesteps and, in float32, the same numbers. There is
+Mirrors diffusers' `schedulers/scheduling_ddim.py`, `scheduling_ddpm.py`,
+`scheduling_dpmsolver_multistep.py` (algorithm_type "dpmsolver++", solver_order 2, their defaults) and
+`scheduling_euler_discrete.py` (s_churn 0, linear interpolation, no Karras sigmas) step for step: the same config gives the same timesteps and, in float32, the same numbers. There is
 no `set_timesteps()` state: a sampler asks the schedule for its timesteps and passes t, t_prev (and
 for DPM-Solver the previous x_0 prediction) to its step function.
 
 Config keys are diffusers' names and defaults (those of `DDIMScheduler`), so a config file reads the
 same here as there. The SD1/SD2 files lack `timestep_spacing`; diffusers then uses "leading" for
-DDIM/DDPM but "linspace" for DPM-Solver, so we keep it `None` and let each sampler pick.
+DDIM/DDPM but "linspace" for DPM-Solver and Euler, so we keep it `None` and let each sampler pick. SDXL's
+file says "leading" with `steps_offset` 1, which every sampler then follows.
 
 Shapes: x, x_0, eps, v (b, c, h, w); per-sample timesteps t (b,) long; a sampler's t is a python int.
 """
@@ -36,7 +39,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 # Config keys that would change the schedule, with the only value we support (diffusers' default).
-_UNSUPPORTED = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False}
+_UNSUPPORTED = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False,
+                "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                "interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -173,6 +178,7 @@ class NoiseSchedule:
 
         Spacings are Table 2 of Lin et al. 2023 (https://arxiv.org/abs/2305.08891). DPM-Solver lays a
         grid of n + 1 points and drops the last (t = 0), which its final step replaces with sigma = 0.
+        Euler's "linspace" points are not rounded (floats: its sigmas are interpolated between timesteps).
         """
         T = self.num_train_timesteps
         if sampler not in SAMPLERS:
@@ -180,7 +186,9 @@ class NoiseSchedule:
         if not 1 <= n <= T:
             raise ValueError(f"{n} inference steps: use 1 to {T} (num_train_timesteps)")
         grid = n + 1 if sampler == "dpmpp" else n
-        spacing = self.timestep_spacing or ("linspace" if sampler == "dpmpp" else "leading")
+        spacing = self.timestep_spacing or ("linspace" if sampler in ("dpmpp", "euler") else "leading")
+        if spacing == "linspace" and sampler == "euler":
+            return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].tolist()
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, grid).round()[::-1][:n]
         elif spacing == "leading":
@@ -320,4 +328,43 @@ def dpmpp_sample(model_fn, latents, schedule: NoiseSchedule, steps: int, eta: fl
     return x
 
 
-SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpmpp": dpmpp_sample}
+# ----------------------------------------------------------------------------- Euler (Karras et al. 2022)
+
+def euler_sigmas(schedule: NoiseSchedule, timesteps) -> torch.Tensor:
+    """sigma_t = sqrt((1 - a_t) / a_t) at each timestep (linearly interpolated between integer ones), then a
+    final 0: x_t / sqrt(a_t) = x_0 + sigma_t eps is the variance-exploding form the ODE runs in."""
+    sigmas = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
+    sigmas = np.interp(np.asarray(timesteps, dtype=np.float32), np.arange(len(sigmas)), sigmas)
+    return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+
+
+def euler_step(schedule: NoiseSchedule, model_out, sigma, sigma_next, x):
+    """One Euler step of dx/dsigma = (x - x_0) / sigma from sigma to sigma_next, x in the scaled form
+    x = x_t / sqrt(a_t) (Karras et al. Algorithm 1, lines 5-8, with gamma = 0). Returns (x_next, predicted x_0)."""
+    dtype, x = model_out.dtype, x.float()  # diffusers steps in float32 whatever the model's dtype
+    # 1. x_0 from the model output, which saw x / sqrt(sigma^2 + 1) = sqrt(a_t) x / ... = x_t
+    if schedule.prediction_type == "epsilon":
+        x0 = x - sigma * model_out
+    else:  # v = alpha eps - sigma_vp x_0, written in the VE form
+        x0 = model_out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x / (sigma ** 2 + 1)
+    # 2. d = (x - x_0) / sigma; x_next = x + (sigma_next - sigma) d
+    derivative = (x - x0) / sigma
+    return (x + derivative * (sigma_next - sigma)).to(dtype), x0
+
+
+def euler_sample(model_fn, latents, schedule: NoiseSchedule, steps: int, eta: float = 0.0, generator=None,
+                 progress: bool = True):
+    """Denoise `latents` ~ N(0, I) in `steps` Euler steps (deterministic: `eta`, `generator` unused)."""
+    ts = schedule.timesteps(steps, "euler")
+    sigmas = euler_sigmas(schedule, ts)
+    # x_T = sigma_max eps in the VE form; diffusers' "leading" files use sqrt(sigma_max^2 + 1) (`init_noise_sigma`)
+    spacing = schedule.timestep_spacing or "linspace"
+    x = latents * (sigmas.max() if spacing in ("linspace", "trailing") else (sigmas.max() ** 2 + 1) ** 0.5)
+    for i, t in enumerate(tqdm(ts, desc="Euler", disable=not progress)):
+        sigma = sigmas[i]
+        out = model_fn(x / (sigma ** 2 + 1) ** 0.5, t)  # back to the x_t the model was trained on (scale_model_input)
+        x, _ = euler_step(schedule, out, sigma, sigmas[i + 1], x)
+    return x
+
+
+SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpmpp": dpmpp_sample, "euler": euler_sample}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from hub import ModelLoadError
 from schedulers import (SAMPLERS, NoiseSchedule, ddim_sample, ddim_step, ddpm_sample, dpmpp_2m_step,
@@ -27,8 +27,15 @@ CONFIGS = {
     "linspace_v": {**SD_CONFIG, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
     "leading_dpm": {**SD_CONFIG, "timestep_spacing": "leading"},   # DPM-Solver's own "leading" rule
     "defaults": {},   # diffusers' defaults: linear betas, clip_sample and set_alpha_to_one true
+    # SDXL base 1.0's scheduler/scheduler_config.json (an EulerDiscreteScheduler file)
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+             "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+             "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+             "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False},
 }
-REFERENCE = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp": DPMSolverMultistepScheduler}
+REFERENCE = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp": DPMSolverMultistepScheduler,
+             "euler": EulerDiscreteScheduler}
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
@@ -93,7 +100,7 @@ def reference_timesteps(cfg, sampler, n):
 
 
 @pytest.mark.parametrize("n", [1, 10, 50, 999])
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp", "euler"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_timesteps_equal_diffusers(name, sampler, n):
     cfg = CONFIGS[name]
@@ -111,14 +118,16 @@ def reference_trajectory(cfg, sampler, n, x, eta=0.0, seed=0):
     ref, ts = reference_timesteps(cfg, sampler, n)
     g = torch.Generator().manual_seed(seed)
     kwargs = {"eta": eta, "generator": g} if sampler == "ddim" else {"generator": g}
-    xs = []
+    x = x * ref.init_noise_sigma   # 1 but for Euler
+    xs, seen = [], []
     for t in ref.timesteps:
-        x = ref.step(fake_model(x, t), t, x, **kwargs).prev_sample
+        seen.append(ref.scale_model_input(x, t))   # x itself but for Euler: x / sqrt(sigma^2 + 1)
+        x = ref.step(fake_model(seen[-1], t), t, x, **kwargs).prev_sample
         xs.append(x)
-    return ts, xs
+    return ts, xs, seen
 
 
-SAMPLER_CASES = [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpmpp", 0.0)]
+SAMPLER_CASES = [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpmpp", 0.0), ("euler", 0.0)]
 
 
 @pytest.mark.parametrize("n", [10, 50])
@@ -126,7 +135,7 @@ SAMPLER_CASES = [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpmpp", 0.0)]
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_sampler_loop_matches_diffusers_at_every_step(name, sampler, eta, n):
     cfg = CONFIGS[name]
-    ts_ref, xs_ref = reference_trajectory(cfg, sampler, n, latents(), eta)
+    ts_ref, xs_ref, seen_ref = reference_trajectory(cfg, sampler, n, latents(), eta)
     seen_t, seen_x = [], []
 
     def model_fn(x, t):   # records what the loop feeds the model: the timesteps and every step's output
@@ -136,9 +145,12 @@ def test_sampler_loop_matches_diffusers_at_every_step(name, sampler, eta, n):
 
     out = SAMPLERS[sampler](model_fn, latents(), NoiseSchedule.from_config(cfg), n, eta=eta,
                             generator=torch.Generator().manual_seed(0), progress=False)
-    assert seen_t == ts_ref and all(isinstance(t, int) for t in seen_t)
-    for ours, ref in zip(seen_x[1:] + [out], xs_ref, strict=True):
+    assert seen_t == ts_ref   # python numbers: ints, but Euler's unrounded "linspace" floats
+    assert all(isinstance(t, int) for t in seen_t) or (sampler == "euler" and cfg.get("timestep_spacing") is None
+                                                       or cfg.get("timestep_spacing") == "linspace")
+    for ours, ref in zip(seen_x, seen_ref, strict=True):   # the model's inputs at every step
         torch.testing.assert_close(ours, ref, **TOL)
+    torch.testing.assert_close(out, xs_ref[-1], **TOL)
     assert not torch.allclose(out, latents(), atol=0.1)   # it did denoise
 
 
@@ -223,6 +235,6 @@ def test_bad_config_is_a_clear_error(key, value, match):
 
 def test_bad_sampler_or_step_count():
     with pytest.raises(ValueError, match="unknown sampler"):
-        NoiseSchedule.sd().timesteps(10, "euler")
+        NoiseSchedule.sd().timesteps(10, "heun")
     with pytest.raises(ValueError, match="1 to 1000"):
         NoiseSchedule.sd().timesteps(0)

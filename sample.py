@@ -2,13 +2,15 @@
 
     python sample.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a cat"
     python sample.py --model runs/dreambooth --prompt "a photo of sks dog on the beach" --num_images 4
+    python sample.py --model stabilityai/stable-diffusion-xl-base-1.0 --sampler euler --prompt "a photo of a cat"
 
-The pipeline mirrors diffusers' `StableDiffusionPipeline.__call__` so that a seed gives the same image
-in both (tests/test_sample.py checks it within 1/255 per pixel):
+The pipeline mirrors diffusers' `StableDiffusionPipeline.__call__` (and `StableDiffusionXLPipeline.__call__`
+for SDXL) so that a seed gives the same image in both (tests/test_sample.py checks it within 1/255 per pixel):
 
-    1. encode the prompts and the negative prompts with the CLIP text encoder -> c, c_neg (b, 77, d)
+    1. encode the prompts and the negative prompts with the CLIP text encoder -> c, c_neg (b, 77, d);
+       SDXL: two encoders, their pooled text and the six size/crop numbers (`text_conditioning`, `time_ids`)
     2. draw z_T ~ N(0, I) of shape (b, 4, H/8, W/8) in float32 on the CPU from torch.Generator(seed)
-    3. run a sampler (DDIM, DDPM, DPM-Solver++) on eps_hat = guided(unet, c, c_neg, w)
+    3. run a sampler (DDIM, DDPM, DPM-Solver++, Euler) on eps_hat = guided(unet, c, c_neg, w)
     4. decode x = D(z_0 / s) with the VAE (s = vae.config.scaling_factor) and map [-1, 1] -> [0, 255]
 
 `generate()` is the function other modules (class-image generation in train.py, eval.py) call.
@@ -27,7 +29,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from hub import ModelLoadError, looks_like_path, atomic_write
+from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json
 from schedulers import SAMPLERS, NoiseSchedule
 from text_encoder import CLIPTextModel, CLIPTokenizer
 from unet import UNet
@@ -41,16 +43,30 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class SDModels:
-    """The four parts of a Stable Diffusion model plus its noise schedule."""
+    """The four parts of a Stable Diffusion model plus its noise schedule; SDXL has a second text encoder."""
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     unet: UNet
     vae: VAE
     schedule: NoiseSchedule
+    tokenizer_2: CLIPTokenizer | None = None      # SDXL: OpenCLIP ViT-bigG's tokenizer (pads with "!")
+    text_encoder_2: CLIPTextModel | None = None   # SDXL: OpenCLIP ViT-bigG's text tower, with text_projection
+    force_zeros_for_empty_prompt: bool = False    # SDXL's model_index.json: an empty negative prompt is all zeros
 
     @property
     def device(self):
         return next(self.unet.parameters()).device
+
+    @property
+    def text_encoders(self) -> dict:
+        """{"text_encoder": ..., "text_encoder_2": ...} (the second for SDXL only), keyed as the folders are."""
+        return {k: m for k, m in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)) if m is not None}
+
+
+def read_model_index(name_or_path, revision=None) -> dict:
+    """The pipeline's model_index.json ({} if a local folder has none): which parts there are (SDXL: text_encoder_2)."""
+    root = component_dir(name_or_path, None, ["model_index.json"], revision)
+    return read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
 
 
 def load_models(name_or_path=DEFAULT_MODEL, dtype=torch.float32, device="cpu", revision=None, variant=None) -> SDModels:
@@ -60,11 +76,17 @@ def load_models(name_or_path=DEFAULT_MODEL, dtype=torch.float32, device="cpu", r
         from single_file import load_single_file
         return load_single_file(name_or_path, dtype=dtype, device=device)
     kw = dict(dtype=dtype, device=device, revision=revision, variant=variant)
+    index = read_model_index(name_or_path, revision)
+    second = {}
+    if (index.get("text_encoder_2") or [None])[0]:  # SDXL: the second tokenizer and text encoder
+        second = dict(tokenizer_2=CLIPTokenizer.from_pretrained(name_or_path, "tokenizer_2", revision=revision),
+                      text_encoder_2=CLIPTextModel.from_pretrained(name_or_path, "text_encoder_2", **kw),
+                      force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))  # pipeline default
     return SDModels(tokenizer=CLIPTokenizer.from_pretrained(name_or_path, revision=revision),
                     text_encoder=CLIPTextModel.from_pretrained(name_or_path, **kw),
                     unet=UNet.from_pretrained(name_or_path, **kw),
-                    vae=VAE.from_pretrained(name_or_path, **kw),
-                    schedule=NoiseSchedule.from_pretrained(name_or_path, revision=revision))
+                    vae=VAE.from_pretrained(name_or_path, **kw, upcast=True),  # SDXL's VAE stays float32 (force_upcast)
+                    schedule=NoiseSchedule.from_pretrained(name_or_path, revision=revision), **second)
 
 
 def save_models(models: SDModels, folder, dtype=None) -> None:
@@ -82,6 +104,13 @@ def save_models(models: SDModels, folder, dtype=None) -> None:
              "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if models.text_encoder_2 is not None:  # SDXL: StableDiffusionXLPipeline's parts
+        models.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+        models.text_encoder_2.save_pretrained(folder / "text_encoder_2", dtype=dtype)
+        del index["requires_safety_checker"], index["safety_checker"]
+        index.update({"_class_name": "StableDiffusionXLPipeline", "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "force_zeros_for_empty_prompt": models.force_zeros_for_empty_prompt})
     atomic_write(folder / "model_index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
 
 
@@ -117,7 +146,7 @@ def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
     models = load_models(info["base_model"], dtype=dtype, device=device)
     if "lora" in info:
         from lora import load_lora
-        load_lora(folder / info["lora"], {"unet": models.unet, "text_encoder": models.text_encoder})
+        load_lora(folder / info["lora"], {"unet": models.unet, **models.text_encoders})
     if "embeddings" in info:
         from safetensors.torch import load_file
         for token, vector in load_file(folder / info["embeddings"]).items():
@@ -135,24 +164,49 @@ def default_device() -> str:
 
 # ----------------------------------------------------------------------------- the pipeline
 
+def text_conditioning(models: SDModels, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The UNet's text inputs for `prompts`, for sampling and training alike (no no_grad: the encoders may train).
+
+    SD1/2: {"encoder_hidden_states": the text encoder's last hidden state (b, 77, d)}; the pooled output is unused.
+    SDXL (Podell et al. 2023, sec. 2.1; diffusers' `StableDiffusionXLPipeline.encode_prompt`): each encoder's
+    penultimate hidden state (hidden_states[-2], before the final LayerNorm), concatenated along features
+    (b, 77, 768 + 1280), and "text_embeds", text_encoder_2's projected pooled output (b, 1280).
+    """
+    if models.text_encoder_2 is None:
+        return {"encoder_hidden_states": models.text_encoder(models.tokenizer(prompts).to(models.device))[0]}
+    states = []
+    for tokenizer, encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
+        _, pooled, hidden_states = encoder(tokenizer(prompts).to(models.device), output_hidden_states=True)
+        states.append(hidden_states[-2])
+    return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
+
+
+def time_ids(original_size, crop_top_left, target_size, n: int = 1) -> torch.Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2), (n, 6): the training image's size before resizing
+    (h, w), the top-left corner (top, left) of the crop taken from it, and the output size (h, w)."""
+    return torch.tensor([[*original_size, *crop_top_left, *target_size]] * n, dtype=torch.float32)
+
+
 @torch.no_grad()
 def encode_prompts(models: SDModels, prompts: list[str]) -> torch.Tensor:
-    """c = text_encoder(tokenize(prompt)): the last hidden state, (b, 77, d). SD ignores the pooled output."""
-    ids = models.tokenizer(prompts).to(models.device)
-    return models.text_encoder(ids)[0]
+    """c = the `encoder_hidden_states` of `text_conditioning`: (b, 77, d)."""
+    return text_conditioning(models, prompts)["encoder_hidden_states"]
 
 
 def guided(unet, cond, uncond, scale: float):
     """Classifier-free guidance (Ho & Salimans 2022): eps = eps(c_neg) + w * (eps(c) - eps(c_neg)).
 
     As in diffusers, guidance only runs when w > 1; then both halves go through the UNet as one batch
-    ordered [negative, positive].
+    ordered [negative, positive]. `cond` is the text tokens (b, m, d) or a dict of the UNet's inputs
+    (`text_conditioning`; SDXL adds text_embeds and time_ids).
     """
+    cond, uncond = ({"encoder_hidden_states": c} if torch.is_tensor(c) else c for c in (cond, uncond))
     if scale <= 1.0:
-        return lambda x, t: unet(x, t, cond)
+        return lambda x, t: unet(x, t, **cond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
     def model_fn(x, t):
-        out = unet(torch.cat([x, x]), t, torch.cat([uncond, cond]))
+        out = unet(torch.cat([x, x]), t, **both)
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + scale * (out_cond - out_uncond)
     return model_fn
@@ -180,14 +234,22 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
     check_settings(height, width, steps, guidance, sampler)
     device, dtype = models.device, next(models.unet.parameters()).dtype
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    cond = encode_prompts(models, prompts)
-    uncond = encode_prompts(models, negatives) if guidance > 1.0 else None
+    cond, uncond = text_conditioning(models, prompts), None
+    if guidance > 1.0 and models.force_zeros_for_empty_prompt and not any(negatives):
+        uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # SDXL: no negative prompt -> zero embeddings
+    elif guidance > 1.0:
+        uncond = text_conditioning(models, negatives)
+    if models.unet.config.addition_embed_type == "text_time":  # SDXL: generate at the size asked for, uncropped
+        ids = time_ids((height, width), (0, 0), (height, width), len(prompts)).to(device, dtype)
+        for c in filter(None, (cond, uncond)):
+            c["time_ids"] = ids
     if latents is None:
         latents = initial_latents(len(prompts), height, width, seed, factor=models.vae.factor)
     generator = torch.Generator("cpu").manual_seed(seed)  # only DDPM and DDIM with eta > 0 draw more noise
     z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
                            steps, eta=eta, generator=generator, progress=progress)
-    images = models.vae.decode(z0 / models.vae.config.scaling_factor)
+    vae_dtype = next(models.vae.parameters()).dtype  # float32 for a force_upcast VAE loaded as float16
+    images = models.vae.decode(z0.to(vae_dtype) / models.vae.config.scaling_factor)
     return to_pil(images) if output == "pil" else images
 
 
@@ -244,7 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="ddim", help="ddim, ddpm or dpmpp (DPM-Solver++ 2M)")
+    p.add_argument("--sampler", default="ddim", help="ddim, ddpm, dpmpp (DPM-Solver++ 2M) or euler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--height", type=int, default=None, help="default: the UNet's sample_size * 8")
     p.add_argument("--width", type=int, default=None)
@@ -295,7 +357,7 @@ def main(argv=None) -> list[Path]:
         from lora import load_lora
         path = Path(args.lora)
         load_lora(path / "pytorch_lora_weights.safetensors" if path.is_dir() else path,
-                  {"unet": models.unet, "text_encoder": models.text_encoder})
+                  {"unet": models.unet, **models.text_encoders})
     warn_long_prompts(models.tokenizer, prompts)
     size = models.unet.config.sample_size * models.vae.factor
     height, width = args.height or size, args.width or size

@@ -66,7 +66,7 @@ def test_batches_do_not_change_the_images(tiny_sd1, tmp_path):
     (["--width", "100"], "multiple of 8"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--guidance", "-1"], "--guidance must be >= 0"),
-    (["--sampler", "euler"], "--sampler must be one of ddim, ddpm, dpmpp"),
+    (["--sampler", "heun"], "--sampler must be one of ddim, ddpm, dpmpp, euler"),
 ])
 def test_bad_settings_fail_before_any_model_loads(flags, message, tiny_sd1, monkeypatch):
     monkeypatch.setattr(sample, "load_trained", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -88,3 +88,60 @@ def test_long_prompt_warns_and_names_the_dropped_words(tiny_sd1, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample.main(["--model", str(tiny_sd1), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+def sdxl_pipeline(folder, scheduler_cls=None):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    if scheduler_cls is not None:
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_conditioning_matches_the_pipeline(tiny_sdxl):
+    pipe, models = sdxl_pipeline(tiny_sdxl), load_models(tiny_sdxl)
+    assert models.text_encoder_2.config.projection_dim == 24 and models.tokenizer_2.pad_token == "!"
+    assert models.force_zeros_for_empty_prompt and models.vae.config.force_upcast
+    with torch.no_grad():
+        c, c_neg, pooled, pooled_neg = pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=[NEGATIVE] * 2)
+        ours, ours_neg = sample.text_conditioning(models, PROMPTS), sample.text_conditioning(models, [NEGATIVE] * 2)
+        zeros = pipe.encode_prompt(PROMPTS, device="cpu")[1]   # no negative prompt: force_zeros_for_empty_prompt
+    assert c.shape == (2, 77, 32 + 48) and pooled.shape == (2, 24)
+    for a, b in [(ours["encoder_hidden_states"], c), (ours_neg["encoder_hidden_states"], c_neg),
+                 (ours["text_embeds"], pooled), (ours_neg["text_embeds"], pooled_neg)]:
+        assert b.abs().max() > 0.1
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert not (c[0] - c[1]).abs().max() < 1e-3                        # the prompts differ in the states
+    assert zeros.abs().max() == 0
+    ref_ids = pipe._get_add_time_ids((64, 96), (8, 16), (32, 48), torch.float32, text_encoder_projection_dim=24)
+    assert torch.equal(sample.time_ids((64, 96), (8, 16), (32, 48)), ref_ids)
+
+
+@pytest.mark.parametrize("sampler, negative", [("ddim", NEGATIVE), ("euler", NEGATIVE), ("euler", None),
+                                               ("dpmpp", NEGATIVE)])
+def test_sdxl_generate_matches_the_pipeline(tiny_sdxl, sampler, negative):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp": DPMSolverMultistepScheduler}[sampler]
+    pipe = sdxl_pipeline(tiny_sdxl, cls)
+    height, width = 64, 96                                            # non-square
+    ref = pipe(PROMPTS, negative_prompt=None if negative is None else [negative] * 2, num_inference_steps=10,
+               guidance_scale=5.0, height=height, width=width, generator=torch.Generator("cpu").manual_seed(7),
+               output_type="np").images
+    ours = generate(load_models(tiny_sdxl), PROMPTS, negative or "", seed=7, steps=10, guidance=5.0, sampler=sampler,
+                    height=height, width=width, progress=False)
+    ours = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in ours])
+    assert ours.shape == ref.shape == (2, height, width, 3)
+    assert ref.std() > 0.01
+    assert np.abs(ours - ref).max() <= 1 / 255 + 1e-6
+
+
+def test_sdxl_save_models_round_trips_into_the_pipeline(tiny_sdxl, tmp_path):
+    models = load_models(tiny_sdxl)
+    sample.save_models(models, tmp_path / "ours")
+    again = load_models(tmp_path / "ours")
+    assert again.text_encoder_2 is not None and again.force_zeros_for_empty_prompt
+    pipe = sdxl_pipeline(tmp_path / "ours")
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"

@@ -52,6 +52,13 @@ def prepare(im: Image.Image, resolution: int, center_crop: bool = True, flip: bo
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Resize the short side to `resolution` (bilinear, as diffusers' DreamBooth script), crop a square
     (center, or at a random place drawn from `generator`), optionally mirror, and map to [-1, 1]."""
+    return prepare_with_crop(im, resolution, center_crop, flip, generator)[0]
+
+
+def prepare_with_crop(im: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`prepare`, and the crop's top-left corner (top, left) in the resized image, mirrored with it (the corner
+    diffusers' SDXL DreamBooth script measures, flipping before it crops): SDXL's crop micro-conditioning."""
     w, h = im.size
     scale = resolution / min(w, h)
     im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
@@ -63,4 +70,4 @@ def prepare(im: Image.Image, resolution: int, center_crop: bool = True, flip: bo
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
     im = im.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
-    return x.flip(-1) if flip else x
+    return (x.flip(-1), (top, w - resolution - left)) if flip else (x, (top, left))

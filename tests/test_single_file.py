@@ -274,3 +274,81 @@ def test_export_refuses_textual_inversion_tokens(tiny_sd1, tmp_path):
         save_single_file(models, tmp_path / "ti.safetensors")
     with pytest.raises(ValueError, match="must end in .safetensors"):
         save_single_file(load_models(tiny_sd1), tmp_path / "x.ckpt")
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+@pytest.fixture(scope="module")
+def exported_sdxl(tiny_sdxl, tmp_path_factory):
+    models = load_models(tiny_sdxl)
+    return tiny_sdxl, models, save_single_file(models, tmp_path_factory.mktemp("single") / "tiny_sdxl.safetensors")
+
+
+def test_sdxl_round_trip_gives_identical_models(exported_sdxl):
+    folder, models, path = exported_sdxl
+    with safe_open(str(path), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys and "conditioner.embedders.1.model.text_projection" in keys
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+    assert "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight" in keys   # all 3 layers
+    back = load_models(path)
+    assert back.force_zeros_for_empty_prompt and back.tokenizer_2.pad_token == "!" and back.tokenizer.pad_token != "!"
+    assert back.schedule.to_config() == models.schedule.to_config()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(models, name), getattr(back, name)
+        assert ours.config == theirs.config, name
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    kw = dict(seed=2, steps=3, height=32, width=48, progress=False, output="pt")
+    # equal weights; the matmul kernels may round the last bit differently on differently aligned memory
+    torch.testing.assert_close(sample.generate(back, ["a cat"], **kw), sample.generate(models, ["a cat"], **kw),
+                               atol=1e-5, rtol=0)
+
+
+def test_sdxl_diffusers_from_single_file_generates_the_same_image(exported_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+    folder, models, path = exported_sdxl
+    pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                      add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a cat", negative_prompt="blurry", num_inference_steps=3, height=64, width=96, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(1)).images[0]
+    assert theirs.std() > 0.01
+    # the folder's scheduler is SDXL's Euler, and guidance 5.0 the pipeline's default
+    ours = sample.generate(models, ["a cat"], "blurry", seed=1, steps=3, height=64, width=96, sampler="euler",
+                           guidance=5.0, progress=False)[0]
+    assert np.abs(np.asarray(ours) / 255 - theirs).max() <= 1 / 255 + 1e-6
+
+
+def test_sdxl_full_size_layout_is_what_diffusers_reads():
+    """SDXL base sizes on the meta device: diffusers detects "xl_base" from our keys and its converters give back
+    exactly its UNet's and both text encoders' key names and shapes."""
+    from diffusers import UNet2DConditionModel
+    from vae import PRESETS as VAE_PRESETS
+    configs = (UNetConfig.sdxl(), VAE_PRESETS["sdxl"], TextEncoderConfig.sd15(), TextEncoderConfig.sdxl_2())
+    with torch.device("meta"):
+        ours = {"unet": UNet(configs[0]).state_dict(), "vae": VAE(configs[1]).state_dict(),
+                "text_encoder": CLIPTextModel(configs[2]).state_dict(),
+                "text_encoder_2": CLIPTextModel(configs[3]).state_dict()}
+        unet = UNet2DConditionModel.from_config(configs[0].to_json()).state_dict()
+    checkpoint = {}
+    for name, (prefix, names) in layout(*configs).items():
+        sd = fuse_qkv(ours[name]) if name == "text_encoder_2" else ours[name]
+        checkpoint |= {prefix + names[k]: ldm_shape(names[k], v) for k, v in sd.items()}
+    assert single_file_utils.infer_diffusers_model_type(checkpoint) == "xl_base"
+    for key in ["model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+                "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.ff.net.2.weight",
+                "model.diffusion_model.middle_block.1.transformer_blocks.9.norm3.bias",
+                "model.diffusion_model.output_blocks.2.2.conv.weight", "model.diffusion_model.label_emb.0.2.bias",
+                "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"]:
+        assert key in checkpoint, key
+    assert checkpoint["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
+    converted = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, configs[0].to_json())
+    assert converted.keys() == unet.keys() and all(converted[k].shape == unet[k].shape for k in unet)
+    hf = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=1280))
+    text_2 = single_file_utils.convert_open_clip_checkpoint(hf, checkpoint, prefix="conditioner.embedders.1.model.")
+    assert text_2.keys() == ours["text_encoder_2"].keys()
+    assert all(text_2[k].shape == ours["text_encoder_2"][k].shape for k in text_2)
+    text_1 = single_file_utils.convert_ldm_clip_checkpoint(checkpoint)
+    assert text_1.keys() == ours["text_encoder"].keys()

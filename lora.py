@@ -210,11 +210,28 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # - kohya / A1111 / ComfyUI (`save_lora_kohya`): `lora_unet_{path with . -> _}.lora_down.weight` (A),
 #   `.lora_up.weight` (B) and `.alpha` (a 0-d tensor) per module; the text encoder's prefix is `lora_te_`
 #   with transformers 4's names (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`), which diffusers'
-#   `_convert_non_diffusers_lora_to_diffusers` (loaders/lora_conversion_utils.py) maps back.
+#   `_convert_non_diffusers_lora_to_diffusers` (loaders/lora_conversion_utils.py) maps back. SDXL's
+#   (sd-scripts' sdxl_train_network.py) names the text encoders `lora_te1_` / `lora_te2_` and the UNet's
+#   modules by the original (LDM / SGM) layout, `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+#   which diffusers' `_maybe_map_sgm_blocks_to_diffusers` maps back; we write that and read both namings.
 # Both read into one form, {prefix: {module path: {"A", "B", "alpha"}}}, which `load_lora` applies.
 
 KOHYA = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
 KOHYA_PARAMS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+
+
+def is_sdxl_unet(model) -> bool:
+    return getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def sgm_names(unet, paths) -> dict[str, str]:
+    """{our module path: its path in the original SDXL UNet layout} (`down_blocks.1.attentions.0...` ->
+    `input_blocks.4.1...`), by single_file.py's block rules."""
+    from single_file import rename, unet_blocks  # single_file imports this module: import here
+    return rename(paths, unet_blocks(unet.config))
 
 
 def lora_file(path) -> Path:
@@ -260,19 +277,22 @@ def save_lora(path, model, prefix: str = "unet") -> Path:
     return file
 
 
-def write_kohya(path, modules: dict[str, dict[str, dict]], dtype: torch.dtype | None = None) -> Path:
-    """Write {prefix: {path: {"A", "B", "alpha"}}} as a kohya LoRA file (A, B in `dtype`; alpha float32)."""
+def write_kohya(path, modules: dict[str, dict[str, dict]], dtype: torch.dtype | None = None,
+                renames: dict[str, dict[str, str]] | None = None) -> Path:
+    """Write {prefix: {path: {"A", "B", "alpha"}}} as a kohya LoRA file (A, B in `dtype`; alpha float32).
+    A file with `text_encoder_2` (SDXL) uses SDXL's prefixes; `renames` {prefix: {path: name}} (SDXL's UNet)."""
     first = next((ab for layers in modules.values() for ab in layers.values()), None)
     if first is None:
         raise ValueError(f"no LoRA weights to write to '{path}'")
+    names = KOHYA_SDXL if "text_encoder_2" in modules or "unet" in (renames or {}) else KOHYA
     tensors = {}
     for prefix, layers in modules.items():
-        if prefix not in KOHYA:
-            raise ValueError(f"the kohya format holds LoRAs of {sorted(KOHYA)}, not '{prefix}'")
+        if prefix not in names:
+            raise ValueError(f"the kohya format holds LoRAs of {sorted(names)}, not '{prefix}'")
         for name, ab in layers.items():
-            if prefix == "text_encoder" and not name.startswith("text_model."):
+            if prefix.startswith("text_encoder") and not name.startswith("text_model."):
                 name = f"text_model.{name}"  # a diffusers file written with transformers >= 5 lacks the level
-            key = KOHYA[prefix] + name.replace(".", "_")
+            key = names[prefix] + (renames or {}).get(prefix, {}).get(name, name).replace(".", "_")
             for param, x in KOHYA_PARAMS.items():
                 value = ab[x].detach().to("cpu", dtype or ab[x].dtype) if x != "alpha" else torch.tensor(float(ab[x]))
                 tensors[f"{key}.{param}"] = value.contiguous()
@@ -287,7 +307,9 @@ def write_kohya(path, modules: dict[str, dict[str, dict]], dtype: torch.dtype | 
 def save_lora_kohya(path, model, prefix: str = "unet", dtype: torch.dtype | None = None) -> Path:
     """`save_lora` in the kohya / A1111 / ComfyUI layout, to the .safetensors file `path`."""
     models = model if isinstance(model, dict) else {prefix: model}
-    return write_kohya(path, model_modules(models, "save_lora_kohya"), dtype)
+    modules = model_modules(models, "save_lora_kohya")
+    renames = {"unet": sgm_names(models["unet"], modules["unet"])} if is_sdxl_unet(models.get("unet")) else None
+    return write_kohya(path, modules, dtype, renames)
 
 
 def read_lora_file(path) -> tuple[dict, dict]:
@@ -306,7 +328,7 @@ def read_lora_file(path) -> tuple[dict, dict]:
 
 
 def is_kohya(tensors: dict) -> bool:
-    return any(k.startswith(tuple(KOHYA.values())) for k in tensors)
+    return any(k.startswith(tuple(KOHYA_PREFIXES)) for k in tensors)
 
 
 def diffusers_modules(tensors: dict, alphas: dict, path) -> dict[str, dict[str, dict]]:
@@ -332,16 +354,21 @@ def kohya_modules(tensors: dict, models: dict[str, nn.Module], path) -> dict[str
     modules, lookup = {}, {}
     for key, value in tensors.items():
         lora_name, _, param = key.partition(".")
-        prefix = next((p for p, k in KOHYA.items() if lora_name.startswith(k)), None)
+        start = next((k for k in KOHYA_PREFIXES if lora_name.startswith(k)), None)
+        prefix = KOHYA_PREFIXES.get(start)
         if prefix is None or param not in KOHYA_PARAMS:
-            raise ValueError(f"'{key}' in '{path}' is not a kohya LoRA key (`lora_unet_` / `lora_te_` + "
-                             f"`.lora_down.weight`, `.lora_up.weight`, `.alpha`); LoCon / LoHa / DoRA are not read")
+            raise ValueError(f"'{key}' in '{path}' is not a kohya LoRA key (`lora_unet_` / `lora_te_` / `lora_te1_` / "
+                             f"`lora_te2_` + `.lora_down.weight`, `.lora_up.weight`, `.alpha`); LoCon / LoHa / DoRA "
+                             f"are not read")
         if prefix not in models:
             raise ValueError(f"'{path}' has LoRA weights for '{prefix}' but models only has {sorted(models)}: "
                              f"pass the '{prefix}' model too")
         if prefix not in lookup:
             lookup[prefix] = {n.replace(".", "_"): n for n, _ in models[prefix].named_modules()}
-        flat = lora_name[len(KOHYA[prefix]):]
+            if prefix == "unet" and is_sdxl_unet(models[prefix]):   # sd-scripts' SDXL names, too
+                attention = [n for n in lookup[prefix].values() if ".attentions." in n]
+                lookup[prefix] |= {sgm.replace(".", "_"): n for n, sgm in sgm_names(models[prefix], attention).items()}
+        flat = lora_name[len(start):]
         name = lookup[prefix].get(flat)
         if name is None:
             raise ValueError(f"kohya LoRA module '{lora_name}' in '{path}' matches no module of the '{prefix}' model "

@@ -354,7 +354,7 @@ def export_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
     beside the diffusers one; single_file writes the trained model, LoRA merged, as one original-layout file.
     Both fp16, export.py's default."""
     if cfg.export == "kohya":
-        parts = {"unet": models.unet, **({"text_encoder": models.text_encoder} if cfg.train_text_encoder else {})}
+        parts = {"unet": models.unet, **(models.text_encoders if cfg.train_text_encoder else {})}
         save_lora_kohya(folder / "lora_kohya.safetensors", parts, dtype=torch.float16)
     if cfg.export == "single_file":
         save_single_file(models, folder / "model.safetensors", dtype=torch.float16)

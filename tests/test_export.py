@@ -149,3 +149,52 @@ def test_cli_errors(tiny_sd1, tmp_path):
         export.main(["--lora", str(tmp_path / "full"), "--out", str(tmp_path / "y.safetensors")])
     with pytest.raises(ValueError, match="not 'text_encoder_2'"):
         save_lora_kohya(tmp_path / "z.safetensors", models.unet, prefix="text_encoder_2")
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+def test_sdxl_kohya_file_has_sd_scripts_names_and_loads_in_diffusers(tiny_sdxl, tmp_path):
+    """SDXL's kohya layout (sd-scripts' sdxl_train_network.py): lora_unet_ + the original UNet layout's names,
+    lora_te1_ / lora_te2_ for the two text encoders. diffusers' load_lora_weights reads it to the same image,
+    and our load_lora reads it back to the same weights."""
+    pytest.importorskip("peft")
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    models = load_models(tiny_sdxl)
+    inject_lora(models.unet, UNET_TARGETS, rank=4, alpha=8)
+    for encoder in models.text_encoders.values():
+        inject_lora(encoder, TEXT_TARGETS, rank=2, alpha=3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in (models.unet, *models.text_encoders.values()):
+            for p in lora_parameters(m):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    file = save_lora_kohya(tmp_path / "sks.safetensors", {"unet": models.unet, **models.text_encoders})
+    keys = {k.partition(".")[0] for k in load_file(file)}
+    # tiny_sdxl: 2 levels of 1 layer, so input_blocks = [conv_in, level 0: resnet, downsampler, level 1: resnet+attn]
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q" in keys        # down_blocks.1.attentions.0
+    assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0" in keys      # depth 2 at the bottom
+    assert "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_k" in keys       # up_blocks.0.attentions.1
+    assert "lora_te1_text_model_encoder_layers_2_self_attn_q_proj" in keys
+    assert "lora_te2_text_model_encoder_layers_2_mlp_fc1" not in keys and \
+           "lora_te2_text_model_encoder_layers_2_self_attn_out_proj" in keys
+    assert not any("down_blocks" in k or k.startswith("lora_te_") for k in keys)
+
+    again = load_models(tiny_sdxl)
+    info = load_lora(file, {"unet": again.unet, **again.text_encoders})
+    assert set(info) == {"unet", "text_encoder", "text_encoder_2"}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        a, b = lora_layers(getattr(models, name)), lora_layers(getattr(again, name))
+        assert a.keys() == b.keys() and all(torch.equal(a[n].lora_B.weight, b[n].lora_B.weight) for n in a), name
+
+    kw = dict(seed=3, steps=3, guidance=5.0, height=64, width=64, progress=False)
+    ours = np.asarray(generate(models, [PROMPT], "blurry", **kw)[0], dtype=np.float32) / 255
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(PROMPT, negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                 output_type="np", generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    pipe.load_lora_weights(str(tmp_path), weight_name="sks.safetensors")
+    theirs = pipe(PROMPT, negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                  output_type="np", generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.abs(plain - theirs).max() > 0.05                        # diffusers applied it
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6

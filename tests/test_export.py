@@ -147,8 +147,8 @@ def test_cli_errors(tiny_sd1, tmp_path):
     write_result_info(tmp_path / "full", {"method": "dreambooth", "base_model": str(tiny_sd1)})
     with pytest.raises(ValueError, match="export it with --model"):
         export.main(["--lora", str(tmp_path / "full"), "--out", str(tmp_path / "y.safetensors")])
-    with pytest.raises(ValueError, match="not 'text_encoder_2'"):
-        save_lora_kohya(tmp_path / "z.safetensors", models.unet, prefix="text_encoder_2")
+    with pytest.raises(ValueError, match="not 'vae'"):   # text_encoder_2 is SDXL's lora_te2_
+        save_lora_kohya(tmp_path / "z.safetensors", models.unet, prefix="vae")
 
 
 # ----------------------------------------------------------------------------- SDXL

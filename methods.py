@@ -221,9 +221,9 @@ def prior_sets(cfg, scenes: list[str], objects: list[ObjectSpec]) -> list[tuple[
 
 def check_against_model(models: SDModels, cfg, inputs: Inputs) -> None:
     """The checks that need the loaded model, made before any image is generated."""
-    if models.text_encoder_2 is not None and cfg.method not in ("dreambooth", "dreambooth_lora"):
+    if models.text_encoder_2 is not None and cfg.method not in ("dreambooth", "dreambooth_lora", "textual_inversion"):
         raise ValueError(f"--method {cfg.method} is not implemented for SDXL models (two text encoders): use "
-                         f"dreambooth or dreambooth_lora, or an SD 1.x/2.x model")
+                         f"dreambooth, dreambooth_lora or textual_inversion, or an SD 1.x/2.x model")
     for token in inputs.tokens:
         if len(models.tokenizer.encode(token)[1:-1]) == 1:
             raise ValueError(f"token '{token}' is already in the vocabulary: choose a new word, such as '<{token}>'")

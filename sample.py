@@ -121,19 +121,35 @@ def write_result_info(folder, info: dict) -> None:
     atomic_write(Path(folder) / RESULT_INFO, lambda p: p.write_text(json.dumps(info, indent=2)))
 
 
-def add_token(models: SDModels, token: str, vector: torch.Tensor) -> int:
+def add_token(models: SDModels, token: str, vector: torch.Tensor, encoder: str = "text_encoder") -> int:
     """Add a word to the tokenizer and its row `vector` to the text encoder's embedding table (Textual
-    Inversion). Returns the new token id."""
-    token_id = models.tokenizer.add_token(token)
-    embeddings = models.text_encoder.text_model.embeddings
+    Inversion); `encoder="text_encoder_2"`: SDXL's second pair. Returns the new token id."""
+    tokenizer, text_encoder = getattr(models, encoder.replace("text_encoder", "tokenizer")), getattr(models, encoder)
+    token_id = tokenizer.add_token(token)
+    embeddings = text_encoder.text_model.embeddings
     old = embeddings.token_embedding.weight
     table = torch.nn.Embedding(old.shape[0] + 1, old.shape[1], device=old.device, dtype=old.dtype)
     with torch.no_grad():
         table.weight[:-1] = old
         table.weight[token_id] = vector.to(old)
     embeddings.token_embedding = table
-    models.text_encoder.config = dataclasses.replace(models.text_encoder.config, vocab_size=table.weight.shape[0])
+    text_encoder.config = dataclasses.replace(text_encoder.config, vocab_size=table.weight.shape[0])
     return token_id
+
+
+SDXL_EMBEDDINGS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # A1111's SDXL embedding file, diffusers reads it
+
+
+def add_embeddings(models: SDModels, embeddings: dict[str, torch.Tensor], tokens: list[str]) -> None:
+    """A Textual Inversion file into the models: {token: (d,)} (SD1/2, diffusers' learned_embeds), or SDXL's
+    {"clip_l": (n, 768), "clip_g": (n, 1280)}, one row per token of `tokens` in each encoder."""
+    if set(embeddings) == set(SDXL_EMBEDDINGS):
+        for key, encoder in SDXL_EMBEDDINGS.items():
+            for token, vector in zip(tokens, embeddings[key]):
+                add_token(models, token, vector, encoder)
+        return
+    for token, vector in embeddings.items():
+        add_token(models, token, vector)
 
 
 def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
@@ -149,8 +165,7 @@ def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
         load_lora(folder / info["lora"], {"unet": models.unet, **models.text_encoders})
     if "embeddings" in info:
         from safetensors.torch import load_file
-        for token, vector in load_file(folder / info["embeddings"]).items():
-            add_token(models, token, vector)
+        add_embeddings(models, load_file(folder / info["embeddings"]), info.get("tokens", []))
     return models
 
 

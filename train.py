@@ -46,8 +46,8 @@ from lora import inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
 from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
-from sample import (DEFAULT_MODEL, SDModels, add_token, default_device, generate, load_models, make_grid, save_models,
-                    save_png, text_conditioning, time_ids, write_result_info)
+from sample import (DEFAULT_MODEL, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate, load_models,
+                    make_grid, save_models, save_png, text_conditioning, time_ids, write_result_info)
 from single_file import is_single_file, save_single_file
 
 PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
@@ -305,11 +305,13 @@ def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] |
             init = models.tokenizer.encode(words)[1:-1]
             if cfg.method == "textual_inversion" and len(init) != 1:
                 raise ValueError(f"--initializer_token '{words}' must be a single CLIP token, it is {len(init)}")
-            table = models.text_encoder.text_model.embeddings.token_embedding.weight
-            add_token(models, token, table[init].mean(0).detach().clone())  # several words: their mean [ours]
-        table = models.text_encoder.text_model.embeddings.token_embedding.weight
-        table.requires_grad_(True)
-        groups.append({"params": [table], "lr": cfg.token_lr if cfg.method == "objectdriven" else lr})
+            for name, encoder in models.text_encoders.items():         # SDXL: a row in each encoder
+                table = encoder.text_model.embeddings.token_embedding.weight
+                add_token(models, token, table[init].mean(0).detach().clone(), name)  # several words: their mean [ours]
+        tables = [e.text_model.embeddings.token_embedding.weight for e in models.text_encoders.values()]
+        for table in tables:
+            table.requires_grad_(True)
+        groups.append({"params": tables, "lr": cfg.token_lr if cfg.method == "objectdriven" else lr})
     return groups
 
 
@@ -335,11 +337,16 @@ def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, in
         save_lora(folder / "pytorch_lora_weights.safetensors", parts)
         files["lora"] = "pytorch_lora_weights.safetensors"
     if inputs.tokens:                                                  # diffusers' load_textual_inversion format
-        table = models.text_encoder.text_model.embeddings.token_embedding.weight
         ids = token_ids(models, inputs.tokens)
-        embeds = {t: table[i].detach().float().cpu().clone() for t, i in zip(inputs.tokens, ids)}
+        rows = {name: e.text_model.embeddings.token_embedding.weight[ids].detach().float().cpu().clone()
+                for name, e in models.text_encoders.items()}
+        if models.text_encoder_2 is None:
+            embeds = dict(zip(inputs.tokens, rows["text_encoder"]))
+        else:                                                          # SDXL: A1111's clip_l / clip_g, (n, d) each
+            embeds = {key: rows[name] for key, name in SDXL_EMBEDDINGS.items()}
         atomic_write(folder / "learned_embeds.safetensors", lambda p: save_file(embeds, str(p)))
         files["embeddings"] = "learned_embeds.safetensors"
+        files["tokens"] = list(inputs.tokens)
     if cfg.method in ("comfusion", "objectdriven"):                    # what the loss was trained against
         files["loss_encoders"] = {"clip": cfg.clip_model or DEFAULT_CLIP[cfg.method],
                                   **({"dino": cfg.dino_model} if cfg.method == "comfusion" else {})}
@@ -370,9 +377,14 @@ def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs
         load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
     if inputs.tokens:
         rows = load_file(folder / "learned_embeds.safetensors")
+        ids = token_ids(models, inputs.tokens)
         with torch.no_grad():
-            for token, i in zip(inputs.tokens, token_ids(models, inputs.tokens)):
-                models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
+            if models.text_encoder_2 is None:
+                for token, i in zip(inputs.tokens, ids):
+                    models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
+            else:
+                for key, name in SDXL_EMBEDDINGS.items():
+                    models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
 
 
 # ----------------------------------------------------------------------------- main
@@ -474,11 +486,11 @@ def train(cfg: TrainConfig) -> SDModels:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: shape(s, cfg.lr_warmup_steps, cfg.max_train_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     trainable = [p for g in groups for p in g["params"]]
-    if inputs.tokens:                           # only the new rows of the embedding table may change
-        table = models.text_encoder.text_model.embeddings.token_embedding.weight
-        new_rows = torch.tensor(token_ids(models, inputs.tokens), device=table.device)
-        keep = ~torch.isin(torch.arange(table.shape[0], device=table.device), new_rows)
-        original_rows = table.detach().clone()
+    if inputs.tokens:                           # only the new rows of the embedding table(s: SDXL) may change
+        tables = [e.text_model.embeddings.token_embedding.weight for e in models.text_encoders.values()]
+        new_rows = torch.tensor(token_ids(models, inputs.tokens), device=tables[0].device)
+        keep = ~torch.isin(torch.arange(tables[0].shape[0], device=tables[0].device), new_rows)
+        original_rows = [table.detach().clone() for table in tables]
 
     # 4. resume (every rank reads the checkpoint; the random draws need no state: see row_generator)
     step = 0
@@ -568,7 +580,8 @@ def train(cfg: TrainConfig) -> SDModels:
         optimizer.zero_grad(set_to_none=True)
         if inputs.tokens:                                              # only the new rows may change
             with torch.no_grad():
-                table[keep] = original_rows[keep]
+                for table, original in zip(tables, original_rows):
+                    table[keep] = original[keep]
         step += 1
         if world > 1:                                                  # log the mean over ranks
             values = torch.tensor(list(logs.values()), dtype=torch.float64, device=device)

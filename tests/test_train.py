@@ -343,3 +343,53 @@ def test_prepare_with_crop_reports_the_mirrored_corner():
     assert torch.equal(xf, x.flip(-1)) and top_f == top == 0 and left_f == 60 - 40 - left
     a = np.asarray(im, dtype=np.float32)[:, left:left + 40] / 127.5 - 1
     torch.testing.assert_close(x, torch.from_numpy(a).permute(2, 0, 1))
+
+
+def sdxl_pipe(folder):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipe_image(pipe, prompt):
+    return pipe(prompt, negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(4), output_type="np").images[0]
+
+
+def our_image(models, prompt):
+    im = generate(models, [prompt], "blurry", seed=4, steps=3, guidance=5.0, height=64, width=64, progress=False)[0]
+    return np.asarray(im, dtype=np.float32) / 255
+
+
+def test_sdxl_dreambooth_folder_loads_in_diffusers(tiny_sdxl, tmp_path):
+    models = run(argv(tiny_sdxl, tmp_path, "dreambooth", 2, "--train_text_encoder"))
+    base = load_models(tiny_sdxl)
+    for name in ("unet", "text_encoder", "text_encoder_2"):   # the UNet and both text encoders trained
+        assert any(not torch.equal(a, b) for a, b in zip(getattr(models, name).state_dict().values(),
+                                                         getattr(base, name).state_dict().values())), name
+    ref = pipe_image(sdxl_pipe(tmp_path), "a photo of sks dog")
+    assert np.abs(our_image(load_trained(tmp_path), "a photo of sks dog") - ref).max() <= 1 / 255 + 1e-6
+    assert np.abs(our_image(base, "a photo of sks dog") - ref).max() > 0.01
+
+
+def test_sdxl_textual_inversion_file_loads_in_diffusers(tiny_sdxl, tmp_path):
+    """One file with clip_l (n, 768-like) and clip_g rows, as A1111 writes SDXL embeddings; diffusers'
+    load_textual_inversion reads each half into its encoder."""
+    run(argv(tiny_sdxl, tmp_path, "textual_inversion", 3, "--learning_rate", "5e-2"))
+    rows = load_file(tmp_path / "learned_embeds.safetensors")
+    assert set(rows) == {"clip_l", "clip_g"} and rows["clip_l"].shape == (1, 32) and rows["clip_g"].shape == (1, 48)
+    base = load_models(tiny_sdxl)
+    dog = base.tokenizer.encode("dog")[1]
+    for key, encoder in (("clip_l", base.text_encoder), ("clip_g", base.text_encoder_2)):   # moved from the init
+        assert (rows[key][0] - encoder.text_model.embeddings.token_embedding.weight[dog]).abs().max() > 1e-3, key
+    pipe = sdxl_pipe(tiny_sdxl)
+    pipe.load_textual_inversion(rows["clip_l"], token="<sks>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(rows["clip_g"], token="<sks>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    prompt = "a photo of <sks> on the beach"
+    ref = pipe_image(pipe, prompt)
+    ours = load_trained(tmp_path)
+    assert ours.tokenizer_2.encode("<sks>")[1] == ours.tokenizer.encode("<sks>")[1] == 49408
+    assert np.abs(our_image(ours, prompt) - ref).max() <= 1 / 255 + 1e-6

@@ -145,3 +145,16 @@ def test_sdxl_save_models_round_trips_into_the_pipeline(tiny_sdxl, tmp_path):
     assert again.text_encoder_2 is not None and again.force_zeros_for_empty_prompt
     pipe = sdxl_pipeline(tmp_path / "ours")
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+
+
+def test_sdxl_cli_in_float16_keeps_the_force_upcast_vae_float32(tiny_sdxl, tmp_path):
+    half = load_models(tiny_sdxl, dtype=torch.float16)
+    assert next(half.unet.parameters()).dtype == next(half.text_encoder_2.parameters()).dtype == torch.float16
+    assert next(half.vae.parameters()).dtype == torch.float32          # force_upcast: SDXL's VAE overflows in fp16
+    kw = dict(seed=1, steps=4, guidance=5.0, height=32, width=48, sampler="euler", progress=False)
+    a = np.asarray(generate(half, ["a cat"], **kw)[0], dtype=np.float32)
+    b = np.asarray(generate(load_models(tiny_sdxl), ["a cat"], **kw)[0], dtype=np.float32)
+    assert b.std() > 3 and np.abs(a - b).max() <= 4                    # float16 rounding, not a different image
+    paths = sample.main(["--model", str(tiny_sdxl), "--prompt", "a cat", "--sampler", "euler", "--dtype", "float16",
+                         "--steps", "2", "--height", "32", "--width", "48", "--device", "cpu", "--out", str(tmp_path)])
+    assert Image.open(paths[0]).size == (48, 32) and Image.open(paths[0]).text["sampler"] == "euler"

@@ -193,7 +193,7 @@ def text_conditioning(models: SDModels, prompts: list[str]) -> dict[str, torch.T
     for tokenizer, encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
         _, pooled, hidden_states = encoder(tokenizer(prompts).to(models.device), output_hidden_states=True)
         states.append(hidden_states[-2])
-    return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
+    return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}  # pooled: text_encoder_2's
 
 
 def time_ids(original_size, crop_top_left, target_size, n: int = 1) -> torch.Tensor:

@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class SDModels:
     unet: UNet
     vae: VAE
     schedule: NoiseSchedule
+    _: KW_ONLY                                    # SDXL's parts, by keyword only, so subclasses can add fields
     tokenizer_2: CLIPTokenizer | None = None      # SDXL: OpenCLIP ViT-bigG's tokenizer (pads with "!")
     text_encoder_2: CLIPTextModel | None = None   # SDXL: OpenCLIP ViT-bigG's text tower, with text_projection
     force_zeros_for_empty_prompt: bool = False    # SDXL's model_index.json: an empty negative prompt is all zeros
@@ -60,7 +61,8 @@ class SDModels:
     @property
     def text_encoders(self) -> dict:
         """{"text_encoder": ..., "text_encoder_2": ...} (the second for SDXL only), keyed as the folders are."""
-        return {k: m for k, m in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)) if m is not None}
+        pairs = (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
+        return {k: m for k, m in pairs if m is not None}
 
 
 def read_model_index(name_or_path, revision=None) -> dict:
@@ -137,7 +139,7 @@ def add_token(models: SDModels, token: str, vector: torch.Tensor, encoder: str =
     return token_id
 
 
-SDXL_EMBEDDINGS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # A1111's SDXL embedding file, diffusers reads it
+SDXL_EMBEDDINGS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # A1111's SDXL embeddings (diffusers reads)
 
 
 def add_embeddings(models: SDModels, embeddings: dict[str, torch.Tensor], tokens: list[str]) -> None:

@@ -14,9 +14,10 @@
 
 Mirrors diffusers' `schedulers/scheduling_ddim.py`, `scheduling_ddpm.py`,
 `scheduling_dpmsolver_multistep.py` (algorithm_type "dpmsolver++", solver_order 2, their defaults) and
-`scheduling_euler_discrete.py` (s_churn 0, linear interpolation, no Karras sigmas) step for step: the same config gives the same timesteps and, in float32, the same numbers. There is
-no `set_timesteps()` state: a sampler asks the schedule for its timesteps and passes t, t_prev (and
-for DPM-Solver the previous x_0 prediction) to its step function.
+`scheduling_euler_discrete.py` (s_churn 0, linear interpolation, no Karras sigmas) step for step: the
+same config gives the same timesteps and, in float32, the same numbers. There is no `set_timesteps()`
+state: a sampler asks the schedule for its timesteps and passes t, t_prev (and for DPM-Solver the
+previous x_0 prediction) to its step function.
 
 Config keys are diffusers' names and defaults (those of `DDIMScheduler`), so a config file reads the
 same here as there. The SD1/SD2 files lack `timestep_spacing`; diffusers then uses "leading" for

@@ -22,9 +22,9 @@ loads a file. tests/test_single_file.py checks that diffusers' own converters re
 file we write holds the 23 OpenCLIP layers our text encoder has, without the 24th or `text_projection`:
 diffusers' `convert_open_clip_checkpoint` skips both, and SD conditions on the penultimate layer anyway.
 
-A single file carries no configs: SD1 vs SD2 vs SDXL is detected from the keys (`cond_stage_model.model.` is
-OpenCLIP, i.e. SD2; `conditioner.embedders.` is SDXL) and the presets fill in the rest. Files we write carry our configs in their metadata, so
-any size (the tiny test models too) loads back exactly. v-prediction (SD2-768) cannot be seen in the keys:
+A single file carries no configs: SD1 vs SD2 vs SDXL is detected from the keys (`cond_stage_model.model.`
+is OpenCLIP, i.e. SD2; `conditioner.embedders.` is SDXL) and the presets fill in the rest. Files we write
+carry our configs in their metadata, so any size (the tiny test models too) loads back exactly. v-prediction (SD2-768) cannot be seen in the keys:
 pass `prediction_type="v_prediction"`. Pickles are read only with `torch.load(weights_only=True)`.
 
 Shapes: the VAE attention's q/k/v/proj_out are (c, c, 1, 1) in LDM, (c, c) here; OpenCLIP's in_proj is
@@ -300,7 +300,8 @@ def detect_family(sd: dict, where) -> str:
         found = sorted({".".join(k.split(".")[:2]) for k in sd})
         raise ModelLoadError(f"'{where}' is not an SD 1.x/2.x single-file checkpoint: expected keys under "
                              f"'{UNET}' (UNet), '{VAE_PREFIX}' (VAE) and '{CLIP}' (SD1 text), '{OPENCLIP}' (SD2 "
-                             f"text) or '{XL_CLIP}' + '{XL_OPENCLIP}' (SDXL); found {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}")
+                             f"text) or '{XL_CLIP}' + '{XL_OPENCLIP}' (SDXL); found {', '.join(found[:8])}"
+                             f"{' ...' if len(found) > 8 else ''}")
     # SD1's cross-attention reads 768-wide CLIP-L tokens, SD2's 1024-wide OpenCLIP-H ones (sd-reference.md)
     widths = {v.shape[1] for k, v in sd.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")}
     if widths & {768, 1024, 2048} and widths != {{"sd1": 768, "sd2": 1024, "sdxl": 2048}[text]}:

@@ -11,8 +11,9 @@ through `text_projection`). SDXL conditions on the penultimate layer's states: `
 Checkpoint contract: module names equal the keys of the Hub's `text_encoder/model.safetensors`
 (`text_model.embeddings.token_embedding.weight`, `text_model.encoder.layers.0.self_attn.q_proj.weight`,
 `text_model.encoder.layers.11.mlp.fc2.bias`, `text_model.final_layer_norm.weight`), so official weights
-load with strict=True (plus `text_projection.weight` for the projection variant). The tokenizer reads the Hub's `tokenizer/` folder (vocab.json + merges.txt, or
-transformers 5's tokenizer.json) or, with no folder, the merges file shipped in `assets/`.
+load with strict=True (plus `text_projection.weight` for the projection variant). The tokenizer reads the
+Hub's `tokenizer/` folder (vocab.json + merges.txt, or transformers 5's tokenizer.json) or, with no folder,
+the merges file shipped in `assets/`.
 
 Shapes: b batch, n = 77 token positions, d hidden width; input_ids (b, n), hidden states (b, n, d).
 """

@@ -307,8 +307,9 @@ class UNetConfig:
         for key in ("block_out_channels", "cross_attn", "num_heads", "transformer_layers_per_block"):
             object.__setattr__(self, key, tuple(getattr(self, key)))  # lists from JSON -> tuples, so configs compare
         if {len(self.cross_attn), len(self.num_heads), len(self.transformer_layers_per_block)} != {levels}:
-            raise ValueError(f"UNetConfig: {levels} levels but {len(self.cross_attn)} block types, {len(self.num_heads)} "
-                             f"head counts and {len(self.transformer_layers_per_block)} transformer_layers_per_block")
+            raise ValueError(f"UNetConfig: {levels} levels but {len(self.cross_attn)} block types, "
+                             f"{len(self.num_heads)} head counts and {len(self.transformer_layers_per_block)} "
+                             f"transformer_layers_per_block")
         if self.addition_embed_type not in (None, "text_time"):
             raise ValueError(f"UNetConfig: addition_embed_type '{self.addition_embed_type}' is not supported "
                              f"(None, or SDXL's 'text_time')")

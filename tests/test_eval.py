@@ -212,7 +212,7 @@ def test_bad_input_is_a_clear_error(folders, tmp_path):
     with pytest.raises(ValueError, match="unknown subject.*dogg.*DreamBench's are backpack"):
         eval.main(["--model", str(tmp_path), "--dataset", str(folders / "dataset"), "--subjects", "dogg"])
     with pytest.raises(ValueError, match="--sampler must be one of"):
-        eval.main(["--model", str(tmp_path), "--dataset", str(folders / "dataset"), "--sampler", "euler"])
+        eval.main(["--model", str(tmp_path), "--dataset", str(folders / "dataset"), "--sampler", "heun"])
     with pytest.raises(ValueError, match="subject 'bird' has no images"):
         eval.main(["--images", str(folders / "images"), "--reference", str(folders / "dataset"), "--subjects", "bird"])
     with pytest.raises(ValueError, match="no reference images for subject 'cat'"):

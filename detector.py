@@ -25,12 +25,13 @@ import world
 
 RADII = np.arange(5.0, 24.0)   # silhouette radii tried, in pixels (the world draws 11 to 19; generated ones vary)
 COLOUR_TOL = 50.0              # RGB distance within which a pixel counts as the asked colour
-BLEND_TOL = 25.0               # a two-colour subject: distance to the segment between its colours (their blends)
+BLEND_TOL = 45.0               # a two-colour subject: distance to the segment between its colours (their blends)
 MIN_IOU = 0.45                 # best IoU below this: no such object
 MIN_PIXELS = 20                # a region of fewer pixels than this is not looked at
 MIN_RADIUS = 9.5               # a fit smaller than this is a cloud or a speck, not an object (the world draws >= 11)
 COMPONENTS = 3                 # the largest connected regions of a colour mask that are fitted, each on its own
-MIN_SHARE = 0.15               # a two-colour subject: each colour covers at least this share of its silhouette
+MIN_SUBJECT_IOU = 0.5          # a subject's silhouette fit must be at least this good
+MIN_SHARE = 0.10               # a two-colour subject: each colour covers at least this share of its silhouette
 PAD = 2 * world.SIZE
 
 
@@ -132,7 +133,7 @@ def silhouette_at(shape: str, x: float, y: float, r: float) -> np.ndarray:
 
 def subject_present(image, subject: str) -> dict:
     """Is the novel subject `subject` (a key of world.NOVEL_SUBJECTS) in the image? Its shape must fit the pixels
-    near its two colours (or their blends) best, with IoU >= MIN_IOU, and each colour must cover >= MIN_SHARE of
+    near its two colours (or their blends) best, with IoU >= MIN_SUBJECT_IOU, and each colour must cover >= MIN_SHARE of
     the fitted silhouette."""
     spec = world.NOVEL_SUBJECTS[subject]
     a, b = world.COLOURS[spec["colour"]], world.COLOURS[spec["second_colour"]]
@@ -145,7 +146,7 @@ def subject_present(image, subject: str) -> dict:
     silhouette = silhouette_at(best["shape"], best["x"], best["y"], best["r"])
     inside, n = silhouette & mask, max(int(silhouette.sum()), 1)
     shares = (float((inside & (t < 0.35)).sum() / n), float((inside & (t > 0.65)).sum() / n))
-    present = best["shape"] == spec["shape"] and best["iou"] >= MIN_IOU and min(shares) >= MIN_SHARE
+    present = best["shape"] == spec["shape"] and best["iou"] >= MIN_SUBJECT_IOU and min(shares) >= MIN_SHARE
     return {"present": bool(present), "iou": best["iou"], "shape": best["shape"], "shares": shares}
 
 

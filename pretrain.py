@@ -91,6 +91,8 @@ class PretrainConfig:
     warmup_steps: int = 200
     checkpointing_steps: int = 500
     check_steps: int = 500                  # sd: every this many steps, draw CHECK_PROMPTS and score them (detector.py)
+    text_encoder: str | None = None         # sd: a model folder whose text_encoder/ conditions the UNet, frozen, instead
+                                            # of the clip stage's text tower
     patterns: float = 0.3                   # vae: share of each batch from world.pattern_sample (two-colour patterns)
     threads: int | None = None              # torch CPU threads (None: torch's default)
     init_from: str | None = None            # a second round from this result: vae (decoder only), sd, classifier
@@ -102,7 +104,7 @@ def parse_args(argv=None) -> PretrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(PretrainConfig()).items():
         kind = {"max_train_steps": int, "train_batch_size": int, "learning_rate": float, "threads": int,
-                "init_from": str, "colour_dropout": float, "patterns": float}.get(name, type(value))
+                "init_from": str, "colour_dropout": float, "patterns": float, "text_encoder": str}.get(name, type(value))
         p.add_argument(f"--{name}", type=kind, default=value)
     cfg = PretrainConfig(**vars(p.parse_args(argv)))
     if cfg.stage not in (*STAGES, "all"):
@@ -236,7 +238,10 @@ def sd_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     # The text encoder is the toy CLIP's text tower, trained contrastively first and frozen here, as SD 1.x
     # conditions on OpenAI CLIP's frozen text tower (Rombach et al. 2022). Trained jointly with the UNet from
     # scratch, it gave shape words that the UNet barely used. Only the UNet trains.
-    text_encoder = CLIPTextModel.from_pretrained(cfg.init_from) if cfg.init_from else clip_text_encoder(out / "clip")
+    if cfg.init_from or cfg.text_encoder:
+        text_encoder = CLIPTextModel.from_pretrained(cfg.init_from or cfg.text_encoder)
+    else:
+        text_encoder = clip_text_encoder(out / "clip")
     text_encoder.requires_grad_(False)
     model = torch.nn.ModuleDict({"unet": UNet.from_pretrained(cfg.init_from) if cfg.init_from else UNet(UNetConfig.toy())})
     s = vae.config.scaling_factor
@@ -366,7 +371,8 @@ def settings_of(cfg: PretrainConfig, name: str) -> dict:
     return {"steps": steps, "batch_size": batch_size, "learning_rate": lr, "ema": ema, "seed": cfg.seed,
             "pool_size": cfg.pool_size, "warmup_steps": cfg.warmup_steps, "init_from": cfg.init_from,
             **({"colour_dropout": cfg.colour_dropout} if cfg.colour_dropout and name == "sd" else {}),
-            **({"patterns": cfg.patterns} if cfg.patterns and name == "vae" else {})}
+            **({"patterns": cfg.patterns} if cfg.patterns and name == "vae" else {}),
+            **({"text_encoder": cfg.text_encoder} if cfg.text_encoder and name == "sd" else {})}
 
 
 def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:

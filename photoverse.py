@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 from attention import attention
 from data import load_image, prepare
-from hub import ModelLoadError, atomic_write, looks_like_path
+from hub import ModelLoadError, atomic_write, looks_like_path, read_safetensors
 from image_encoders import CLIPModel, ViTModel
 from lora import inject_lora
 from sample import (DEFAULT_MODEL, DTYPES, SDModels, check_settings, default_device, encode_prompts, guided,
@@ -390,8 +390,7 @@ def check_base(meta: dict, sd: SDModels, vision: CLIPModel, path) -> None:
 def load_trained_parts(models: PhotoVerseModels, path) -> None:
     """Copy a checkpoint's tensors into the attached parts; the key sets must be equal."""
     file = adapter_file(path)
-    with safe_open(str(file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = read_safetensors(file)[0]
     own = trained_state(models)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:

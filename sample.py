@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json
+from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json, read_safetensors
 from schedulers import SAMPLERS, NoiseSchedule
 from text_encoder import CLIPTextModel, CLIPTokenizer
 from unet import UNet
@@ -160,14 +160,13 @@ def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
     folder = Path(name_or_path)
     if (folder / "model_index.json").is_file() or not (folder / RESULT_INFO).is_file():
         return load_models(name_or_path, dtype=dtype, device=device)
-    info = json.loads((folder / RESULT_INFO).read_text())
+    info = read_json(folder / RESULT_INFO)
     models = load_models(info["base_model"], dtype=dtype, device=device)
     if "lora" in info:
         from lora import load_lora
         load_lora(folder / info["lora"], {"unet": models.unet, **models.text_encoders})
     if "embeddings" in info:
-        from safetensors.torch import load_file
-        add_embeddings(models, load_file(folder / info["embeddings"]), info.get("tokens", []))
+        add_embeddings(models, read_safetensors(folder / info["embeddings"])[0], info.get("tokens", []))
     return models
 
 

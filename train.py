@@ -25,9 +25,13 @@ import contextlib
 import dataclasses
 import json
 import math
+import inspect
 import os
+import re
 import sys
+import textwrap
 import time
+import typing
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
+import cli
 from data import list_images, load_image, prepare, prepare_with_crop
 from hub import ModelLoadError, atomic_write, looks_like_path
 from lora import inject_lora, load_lora, save_lora, save_lora_kohya
@@ -59,89 +64,101 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class TrainConfig:
-    method: str = "dreambooth"
-    pretrained_model_name_or_path: str = DEFAULT_MODEL
-    revision: str | None = None
-    variant: str | None = None
-    instance_data_dir: str | None = None
-    instance_prompt: str = "a photo of sks dog"
-    identifier: str = "sks"                  # the rare token the instance prompt binds the subject to
-    class_data_dir: str | None = None
-    class_prompt: str | None = None
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    class_sample_steps: int = 50             # [ours] DDIM steps for class images (guidance 7.5)
-    placeholder_token: str = "<sks>"         # Textual Inversion
-    initializer_token: str = "dog"
-    resolution: int = 512
-    center_crop: bool = False
-    random_flip: bool = False
-    train_text_encoder: bool = False
-    learning_rate: float | None = None       # None: the method's default (DEFAULT_LR)
-    text_encoder_lr: float | None = None     # None: learning_rate
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_train_steps: int = 800
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    weight_dtype: str = "auto"               # auto: fp32 trainable, the mixed-precision dtype for frozen parts
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_prompt: str | None = None
-    validation_steps: int = 100
-    num_validation_images: int = 4
+    """Every flag of train.py. `python train.py --help` is built from this class: each field's comment is its help
+    text, and a comment line of its own starts a group of flags (see `field_help`)."""
+    method: str = "dreambooth"               # what to train (pretrain_*: one stage of the toy model, pretrain.py)
+    pretrained_model_name_or_path: str = DEFAULT_MODEL   # the base model: Hub id, diffusers folder, or one
+                                             # .safetensors / .ckpt file
+    revision: str | None = None              # Hub revision of the base model (None: main)
+    variant: str | None = None               # weight file variant, such as fp16 (None: the full-precision files)
+    instance_data_dir: str | None = None     # folder of the subject's photos (3-5); PhotoVerse: of aligned faces
+    instance_prompt: str = "a photo of sks dog"   # the prompt of every instance photo
+    output_dir: str = "runs/dreambooth"      # the run's folder: checkpoints, logs.jsonl, validation images, result
+    overwrite_output_dir: bool = False       # start a new run in an --output_dir that holds another run's files
+                                             # (its checkpoints, logs and validation images are deleted)
+    resume_from_checkpoint: str | None = None   # a checkpoint folder, or 'latest' (the newest in --output_dir)
+    resolution: int = 512                    # training image size in pixels (a multiple of 8)
+    center_crop: bool = False                # crop the centre of each photo (else a random crop per step)
+    random_flip: bool = False                # mirror each photo with probability 0.5
+    learning_rate: float | None = None       # peak learning rate (None: the method's default, DEFAULT_LR)
+    lr_scheduler: str = "constant"           # constant, constant_with_warmup, linear or cosine
+    lr_warmup_steps: int = 0                 # linear warm-up steps of the learning rate
+    max_train_steps: int = 800               # optimizer steps
+    train_batch_size: int = 1                # instance images per step (plus as many class images)
+    gradient_accumulation_steps: int = 1     # micro-batches per optimizer step
+    gradient_checkpointing: bool = False     # recompute activations in backward: less memory, slower
+    mixed_precision: str = "no"              # no, fp16 or bf16 autocast
+    weight_dtype: str = "auto"               # dtype of the frozen parts: auto (the mixed-precision dtype), float32,
+                                             # float16 or bfloat16; trainable weights stay float32
+    adam_beta1: float = 0.9                  # AdamW beta1, in [0, 1)
+    adam_beta2: float = 0.999                # AdamW beta2, in [0, 1)
+    adam_weight_decay: float = 1e-2          # AdamW decoupled weight decay, >= 0
+    adam_epsilon: float = 1e-8               # AdamW epsilon, > 0
+    max_grad_norm: float = 1.0               # clip the gradient's global norm to this (> 0)
+    snr_gamma: float | None = None           # Min-SNR loss weighting gamma, such as 5 (None: off) [ours]
+    noise_offset: float = 0.0                # noise offset added to the training noise, >= 0 (0: off) [ours]
+    checkpointing_steps: int = 500           # write a checkpoint every N steps (and at the end)
+    checkpoints_total_limit: int | None = None   # keep only the newest N checkpoints (None: keep all)
+    validation_prompt: str | None = None     # draw validation images of this prompt (None: no validation)
+    validation_steps: int = 100              # every N steps (and at the end)
+    num_validation_images: int = 4           # validation images per grid
     sample_steps: int = 50                   # DDIM steps for validation images
-    seed: int = 0
-    output_dir: str = "runs/dreambooth"
+    seed: int = 0                            # the seed of every random draw (>= 0)
     export: str = "none"                     # the final output also as: kohya (the LoRA for A1111 / ComfyUI) or
                                              # single_file (model.safetensors, one original-layout fp16 file)
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    rank: int = 4
-    lora_alpha: float | None = None          # None: = rank (diffusers' default)
-    cache_latents: bool = False
-    device: str = "auto"
-    demo: bool = False
-    # ComFusion (methods.md section 2); its four loss weights are instance_loss_weight, prior_loss_weight (the
-    # class-scene prior), visual_loss_weight and textual_loss_weight [ours: 1, 1, 0.1, 0.1]
-    scenes: str | None = None                # text file, one scene phrase per line; None: DEFAULT_SCENES
+    cache_latents: bool = False              # encode each photo once (needs --center_crop)
+    device: str = "auto"                     # auto (cuda, mps, cpu), or a torch device such as cuda:1
+    demo: bool = False                       # the README's offline demo: DreamBooth on the shipped toy model
+    # DreamBooth (--method dreambooth, dreambooth_lora; methods.md section 1)
+    identifier: str = "sks"                  # the rare token the instance prompt binds the subject to
+    with_prior_preservation: bool = False    # add DreamBooth's class-prior loss on images of --class_prompt
+    class_prompt: str | None = None          # the prompt of the class images, such as 'a photo of dog'
+    class_data_dir: str | None = None        # folder of class images: generated there once, then reused
+    num_class_images: int = 100              # class images to use (made by the frozen model if missing)
+    class_sample_steps: int = 50             # DDIM steps for class images (guidance 7.5) [ours]
+    prior_loss_weight: float = 1.0           # weight of the prior loss (ComFusion: of the class-scene prior)
+    train_text_encoder: bool = False         # also train the text encoder (LoRA: LoRA layers on it)
+    text_encoder_lr: float | None = None     # the text encoder's learning rate (None: --learning_rate)
+    # LoRA (--method dreambooth_lora, objectdriven, photoverse)
+    rank: int = 4                            # LoRA rank r
+    lora_alpha: float | None = None          # LoRA alpha; scale = alpha / rank (None: = rank, diffusers' default)
+    # Textual Inversion (--method textual_inversion; objectdriven's one-image form)
+    placeholder_token: str = "<sks>"         # the new word that is learned
+    initializer_token: str = "dog"           # the word its embedding starts from (object-driven: the class noun)
+    # ComFusion (--method comfusion, methods.md section 2); its four loss weights are instance_loss_weight,
+    # prior_loss_weight (the class-scene prior), visual_loss_weight and textual_loss_weight [ours: 1, 1, 0.1, 0.1]
+    scenes: str | None = None                # text file, one scene phrase per line (None: DEFAULT_SCENES)
     num_scene_images: int = 20               # class-scene prior images per scene
     tau_min: int = 200                       # the fusion stream's tau ~ U{tau_min..tau_max}, drawn per step [ours]
-    tau_max: int = 600
+    tau_max: int = 600                       # the largest tau (below the schedule's 1000 timesteps)
     fusion_steps: int = 10                   # no-gradient DDIM steps from T down to tau
     fusion_every: int = 1                    # run the fusion stream every N steps
     fusion_guidance: float = 7.5             # classifier-free guidance in those steps [ours]
-    instance_loss_weight: float = 1.0
-    visual_loss_weight: float = 0.1
-    textual_loss_weight: float = 0.1
-    dino_model: str = "facebook/dino-vits16"
-    clip_model: str | None = None            # None: DEFAULT_CLIP of the method
-    # object-driven one-shot (methods.md section 3)
+    instance_loss_weight: float = 1.0        # weight of the instance loss
+    visual_loss_weight: float = 0.1          # weight of the visual (DINO) fusion loss
+    textual_loss_weight: float = 0.1         # weight of the textual (CLIP) fusion loss
+    dino_model: str = "facebook/dino-vits16"   # DINO for ComFusion's loss (PhotoVerse: the face loss's fallback)
+    clip_model: str | None = None            # CLIP of the loss (None: the method's DEFAULT_CLIP; PhotoVerse: ViT-L/14)
+    # object-driven one-shot (--method objectdriven, methods.md section 3)
     instance_mask: str | None = None         # the object's mask (white = object), the size of the one instance image
     objects: str | None = None               # JSON list of {"image", "mask", "class", "token"}, paths relative to it
-    background_weight: float = 0.0           # weight of the pixels outside the mask in L_os
+    background_weight: float = 0.0           # weight of the pixels outside the mask in L_os, in [0, 1]
     pe_steps: int = 200                      # stage 1: Adam steps on each new token's row [ours]
     pe_lr: float = 1e-3                      # stage 1 learning rate [ours]
     token_lr: float = 1e-4                   # stage 2: the new rows' learning rate (LoRA: --learning_rate) [ours]
-    # PhotoVerse (photoverse.py and photoverse_train.py, methods.md section 4): --instance_data_dir is a folder of
-    # aligned faces; --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback encoder
+    # PhotoVerse (--method photoverse; photoverse.py, photoverse_train.py, methods.md section 4): --instance_data_dir
+    # is a folder of aligned faces; --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback
     vision_layers: str = "last,4,8,12,16"    # CLIP hidden states the adapters read [ours, ELITE's layers and order]
     adapter_dim: int = 1024                  # adapter width [paper]
-    face_encoder: str | None = None          # an ArcFace IResNet checkpoint; None: DINO fallback [ours]
-    face_loss_weight: float = 0.01           # the loss weights [paper]
-    word_reg_weight: float = 0.01
-    value_reg_weight: float = 0.001
-    face_loss_max_timestep: int = 600        # L_face only for t < 600 [ours]
-
+    face_encoder: str | None = None          # an ArcFace IResNet checkpoint (None: DINO fallback) [ours]
+    face_loss_weight: float = 0.01           # weight of L_face [paper]
+    word_reg_weight: float = 0.01            # weight of the pseudo-word regulariser [paper]
+    value_reg_weight: float = 0.001          # weight of the cross-attention value regulariser [paper]
+    face_loss_max_timestep: int = 600        # L_face only for t below this [ours]
+    # toy pretraining (--method pretrain_vae, pretrain_sd, pretrain_clip, pretrain_dino, pretrain_classifier): one
+    # stage of the toy world's model (pretrain.py). It reads only --output_dir, --seed, --checkpointing_steps, and
+    # --max_train_steps, --train_batch_size, --learning_rate when given (else the stage's own values); any other flag
+    # is an error. `python pretrain.py --help` has the rest.
 
 TOY = Path(__file__).parent / "assets" / "toy"   # the toy world's pretrained model and subjects (pretrain.py)
 DEMO = dict(  # the README's offline main job: DreamBooth on a toy subject with the shipped toy model, on a CPU
@@ -158,17 +175,59 @@ DEMO_GUIDANCE = 4.0          # the toy model's images are best near 4 (benchmark
 
 # ----------------------------------------------------------------------------- configuration and checks
 
+def field_help(cls) -> list[tuple[str, str, dict[str, str]]]:
+    """[(group title, group text, {field: help})] read from the comments in `cls`'s source: the comment after a
+    field is its help, continued on comment lines indented past the fields; a comment line at the fields' own
+    indentation starts a group ("ComFusion (details): more" -> title "ComFusion", text the whole line)."""
+    groups = [("general", "", {})]
+    last, in_doc = None, False
+    source = inspect.getsource(cls).splitlines()
+    for line in source[next(i for i, l in enumerate(source) if l.startswith("class ")) + 1:]:
+        if line.count('"""') % 2:
+            in_doc = not in_doc
+            continue
+        if in_doc or not line.strip() or line.strip().startswith('"""'):
+            continue
+        indent = len(line) - len(line.lstrip())
+        code, _, comment = line.partition("  # ") if not line.lstrip().startswith("#") else ("", "", line.lstrip()[1:])
+        comment = comment.strip()
+        if code.strip():                                   # "name: type = default  # help"
+            last = groups[-1][2]
+            name = code.split(":")[0].strip()
+            last[name] = comment
+            last_name = name
+        elif indent == 4 and (last is not None or groups[-1][2]):   # a group heading
+            title = re.split(r" \(|: |; ", comment)[0]
+            groups.append((title, comment, {}))
+            last = None
+        elif last is None:                                 # the heading goes on
+            title, text, names = groups[-1]
+            groups[-1] = (title, f"{text} {comment}", names)
+        else:                                              # the field's help goes on
+            last[last_name] = f"{last[last_name]} {comment}"
+    return groups
+
+
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for name, value in asdict(TrainConfig()).items():
-        kind = type(value) if value is not None else (float if name in ("learning_rate", "text_encoder_lr",
-                                                                          "snr_gamma", "lora_alpha") else str)
-        if name == "checkpoints_total_limit":
-            kind = int
-        if kind is bool:                       # --flag / --no-flag (the demo's defaults can be turned off)
-            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value)
-        else:
-            p.add_argument(f"--{name}", type=kind, default=value)
+    """The flags of TrainConfig, grouped and explained by its comments (`field_help`)."""
+    p = cli.Parser(description=__doc__.split("\n\n")[0], epilog="Every flag's text comes from TrainConfig in train.py.",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults, kinds = asdict(TrainConfig()), typing.get_type_hints(TrainConfig)
+    for title, text, names in field_help(TrainConfig):
+        group = p.add_argument_group(title, textwrap.fill(text, 100) if text else None)
+        for name, help_text in names.items():
+            kind = next(k for k in typing.get_args(kinds[name]) or (kinds[name],) if k is not type(None))
+            help_text = help_text.replace("%", "%%")
+            if name == "method":
+                help_text += f": {', '.join(METHODS)}"
+            if kind is bool:                   # --flag / --no-flag (the demo's defaults can be turned off)
+                action = group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                                            default=defaults[name], help=help_text)
+            else:
+                action = group.add_argument(f"--{name}", type=kind, default=defaults[name], help=help_text,
+                                            metavar=kind.__name__.upper())
+            if "%(default)" not in action.help:  # (some Python versions add it to BooleanOptionalAction themselves)
+                action.help += " (default: %(default)s)"
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         p.set_defaults(**DEMO)

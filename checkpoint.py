@@ -16,6 +16,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from hub import ModelLoadError, read_pickle
 
 STATE_FILE = "training_state.pt"
 
@@ -47,17 +50,46 @@ def save_checkpoint(output_dir, step: int, write_result, state: dict, total_limi
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    if total_limit:                             # prune the oldest, never the one just written
-        for old in checkpoints(output_dir)[:-total_limit]:
+    if total_limit is not None:                 # prune the oldest, never the one just written
+        for old in checkpoints(output_dir)[:-max(1, total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_state(folder) -> dict:
-    path = Path(folder) / STATE_FILE
+    """The training state, after checking that every file of the checkpoint is whole (a truncated or damaged
+    file is named in one line, before any model loads)."""
+    folder = Path(folder)
+    path = folder / STATE_FILE
     if not path.is_file():
         raise ValueError(f"'{folder}' is not a complete checkpoint: {STATE_FILE} is missing")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        for file in sorted(folder.rglob("*.safetensors")):
+            read_safetensors_header(file)
+        return read_pickle(path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"checkpoint '{folder}' is damaged: {e}. Resume from an earlier checkpoint, or start "
+                             f"over with --overwrite_output_dir") from None
+
+
+def read_safetensors_header(path) -> None:
+    """Open a .safetensors file without reading its tensors: the header must cover the whole file."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"'{path}' is not a complete .safetensors file ({' '.join(str(e).split())})") from None
+
+
+TEMP_FILE = re.compile(r"\..+\.tmp\d+|\.checkpoint-\d+\.(tmp|old)")   # hub.atomic_write's and save_checkpoint's
+
+
+def remove_temp_files(output_dir) -> list[Path]:
+    """Remove what a killed process left half-written in an output folder (a crash in Python removes its own)."""
+    found = [p for p in Path(output_dir).rglob(".*") if TEMP_FILE.fullmatch(p.name)]
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
 
 
 def resolve_resume(output_dir, resume: str | None) -> Path | None:
@@ -65,7 +97,10 @@ def resolve_resume(output_dir, resume: str | None) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        return latest_checkpoint(output_dir)
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            print(f"--resume_from_checkpoint latest: '{output_dir}' has no checkpoint yet, so this run starts fresh")
+        return found
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         path = Path(output_dir) / resume

@@ -28,6 +28,7 @@ import math
 import inspect
 import os
 import re
+import shutil
 import sys
 import textwrap
 import time
@@ -40,19 +41,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
 import cli
 from data import list_images, load_image, prepare, prepare_with_crop
-from hub import ModelLoadError, atomic_write, looks_like_path
+from hub import ModelLoadError, atomic_write, looks_like_path, read_json
 from lora import inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
 from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
-from sample import (DEFAULT_MODEL, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate, load_models,
-                    make_grid, save_models, save_png, text_conditioning, time_ids, write_result_info)
+from sample import (DEFAULT_MODEL, RESULT_INFO, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate,
+                    load_models, make_grid, save_models, save_png, text_conditioning, time_ids, warn_long_prompts,
+                    write_result_info)
 from single_file import is_single_file, save_single_file
 
 PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
@@ -167,7 +170,7 @@ DEMO = dict(  # the README's offline main job: DreamBooth on a toy subject with 
     class_data_dir="runs/demo/class_images", num_class_images=50, class_sample_steps=25, resolution=64,
     learning_rate=5e-5, max_train_steps=300, train_batch_size=2, checkpointing_steps=100, checkpoints_total_limit=1,
     validation_prompt="a sks star in the snow", validation_steps=100, sample_steps=25, output_dir="runs/demo",
-    device="cpu")
+    overwrite_output_dir=True, device="cpu")                  # a second demo replaces the first
 DEMO_SCENES = ("in the snow", "at night", "in front of a brick wall")  # the scenes none of the 5 photos shows
 DEMO_SUBJECT = "checkered_star"   # world.NOVEL_SUBJECTS: a pattern pretraining never shows
 DEMO_GUIDANCE = 4.0          # the toy model's images are best near 4 (benchmarks/bench_toy_world.py)
@@ -244,11 +247,145 @@ METHOD_OPTIONS = {  # options only some methods read: giving one to another meth
 }
 
 
+RANGES = {  # every number of TrainConfig and the values it may take (None, where it is the default, means "off" or
+    # "the method's default"); cli.check_number also refuses NaN and infinity
+    ">= 1": ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+             "checkpoints_total_limit", "validation_steps", "num_validation_images", "sample_steps", "resolution",
+             "rank", "num_class_images", "class_sample_steps", "num_scene_images", "fusion_steps", "fusion_every",
+             "pe_steps", "adapter_dim"),
+    "> 0": ("learning_rate", "text_encoder_lr", "adam_epsilon", "max_grad_norm", "snr_gamma", "lora_alpha", "pe_lr",
+            "token_lr"),
+    ">= 0": ("prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "noise_offset", "seed", "tau_min", "tau_max",
+             "fusion_guidance", "instance_loss_weight", "visual_loss_weight", "textual_loss_weight",
+             "face_loss_weight", "word_reg_weight", "value_reg_weight", "face_loss_max_timestep"),
+    "[0, 1)": ("adam_beta1", "adam_beta2"),
+    "[0, 1]": ("background_weight",),
+}
+# what --method pretrain_* reads (pretrain.from_train_config); any other flag changed from its default is an error
+PRETRAIN_FLAGS = ("method", "output_dir", "seed", "checkpointing_steps", "max_train_steps", "train_batch_size",
+                  "learning_rate")
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Each number in its range: a negative learning rate trains by gradient ascent, a negative clipping norm flips
+    the gradient, a negative limit deletes every checkpoint. 0 is never read as "the default"."""
+    for rule, names in RANGES.items():
+        for name in names:
+            try:
+                cli.check_number(f"--{name}", getattr(cfg, name), rule)
+            except ValueError as e:
+                if name == "learning_rate" and cfg.method in DEFAULT_LR:
+                    raise ValueError(f"{e} (leave it out for the method's default, {DEFAULT_LR[cfg.method]:g})") from None
+                raise
+
+
+def check_common(cfg: TrainConfig) -> None:
+    """The checks every method shares, made first: the method, the numbers, the device, the output folder."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    check_numbers(cfg)
+    if cfg.method in PRETRAIN:
+        defaults = TrainConfig()
+        extra = [f"--{f.name}" for f in dataclasses.fields(cfg)
+                 if f.name not in PRETRAIN_FLAGS and getattr(cfg, f.name) != getattr(defaults, f.name)]
+        if extra:
+            raise ValueError(f"--method {cfg.method} reads only {', '.join('--' + n for n in PRETRAIN_FLAGS[1:])}; "
+                             f"{', '.join(extra)} would be ignored: drop it (pretrain.py has the stage's other flags)")
+    else:
+        cli.check_device(cfg.device)
+    cli.check_out_dir("--output_dir", cfg.output_dir)
+    if cfg.class_data_dir and Path(cfg.class_data_dir).exists() and not Path(cfg.class_data_dir).is_dir():
+        raise ValueError(f"--class_data_dir '{cfg.class_data_dir}' is a file, not a folder")
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ValueError("--resume_from_checkpoint continues the run in --output_dir, --overwrite_output_dir replaces "
+                         "it: give one of them")
+
+
+# What a checkpoint fixes: a resumed run must use the same values (the weights' shapes, the vocabulary, the
+# object-driven stage 1, the gradient scaler). Every other setting is read again from the command line and applied:
+# the loop reads them from cfg at each step, and `apply_resumed_settings` puts the new learning rates and AdamW
+# settings into the optimizer state a checkpoint brings back.
+FIXED_ON_RESUME = ("method", "pretrained_model_name_or_path", "revision", "variant", "train_text_encoder", "rank",
+                   "lora_alpha", "placeholder_token", "initializer_token", "objects", "instance_mask", "pe_steps",
+                   "pe_lr", "mixed_precision", "vision_layers", "adapter_dim")
+RUN_FILES = ("logs.jsonl", "train_config.json", "validation")   # a run's files besides its checkpoints and result
+
+
+def settings_record(cfg: TrainConfig) -> dict:
+    """The run's settings as a checkpoint records them: paths made absolute, so a resume from another working
+    folder compares equal."""
+    def absolute(v):
+        return str(Path(v).expanduser().resolve()) if isinstance(v, str) and looks_like_path(v) and Path(v).expanduser().exists() else v
+    return {k: absolute(v) for k, v in asdict(cfg).items()}
+
+
+def claim_output_dir(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
+    """A run owns its --output_dir. Returns (checkpoint to resume from, its training state) or (None, None) for a
+    fresh run. Refused, before any model loads: a fresh run into a folder that holds another run (unless
+    --overwrite_output_dir), and a resume whose checkpoint is damaged or was made with other fixed settings."""
+    out = Path(cfg.output_dir)
+    resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
+    if resume_from is None:
+        found = checkpoint.checkpoints(out)
+        others = [name for name in RUN_FILES if (out / name).exists()]
+        if (found or others) and not cfg.overwrite_output_dir and cfg.resume_from_checkpoint != "latest":
+            held = found[-1].name if found else others[0]
+            raise ValueError(f"--output_dir '{out}' holds another run ({held}): resume it with --resume_from_checkpoint "
+                             f"latest, replace it with --overwrite_output_dir, or choose another --output_dir")
+        return None, None
+    state = checkpoint.load_state(resume_from)
+    info_path = resume_from / RESULT_INFO
+    info = read_json(info_path) if info_path.is_file() else {}
+    then = state.get("config") or {}
+    now = settings_record(cfg)
+    then.setdefault("method", info.get("method"))
+    then.setdefault("pretrained_model_name_or_path", info.get("base_model"))
+    for name in FIXED_ON_RESUME:
+        if name in then and then[name] is not None and then[name] != now[name]:
+            raise ValueError(f"cannot resume from '{resume_from}': it was made with --{name} {then[name]}, this run has "
+                             f"--{name} {now[name]}. Use the same value, or start a new run (another --output_dir, "
+                             f"or --overwrite_output_dir)")
+    return resume_from, state
+
+
+def apply_resumed_settings(optimizer, lr_schedule, base_lrs: list[float], cfg: TrainConfig) -> None:
+    """After loading a checkpoint's optimizer and schedule: this run's learning rates and AdamW settings, not the
+    checkpoint's (load_state_dict restores those), at the schedule's current step."""
+    lr_schedule.base_lrs = list(base_lrs)
+    for group, base, shape in zip(optimizer.param_groups, base_lrs, lr_schedule.lr_lambdas):
+        group.update(initial_lr=base, lr=base * shape(lr_schedule.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
+    lr_schedule._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def start_output_dir(out: Path, resume_step: int | None) -> None:
+    """Make the output folder this run's: remove orphan temp files; a fresh run removes an earlier run's
+    checkpoints, logs, validation images and result (claim_output_dir allowed it); a resumed one the validation
+    images past its step (its log is cut in the loop's set-up)."""
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_temp_files(out)
+    if resume_step is None:
+        for path in checkpoint.checkpoints(out) + [out / n for n in RUN_FILES + RESULT_FILES]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    else:
+        for path in (out / "validation").glob("step-*.png"):
+            if re.fullmatch(r"step-(\d+)\.png", path.name) and int(path.stem[5:]) > resume_step:
+                path.unlink()
+
+
+# the result files train.py writes at the top of --output_dir (write_result, export_result, photoverse_train)
+RESULT_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", RESULT_INFO,
+                "pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "lora_kohya.safetensors",
+                "model.safetensors", "photoverse.safetensors")
+
+
 def check_config(cfg: TrainConfig) -> Inputs:
     """Every mistake we can see before loading a model: one line saying what to change. Returns the run's
     Inputs (each image opened, so a corrupt file fails now, not at step 300)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    check_common(cfg)
     defaults = TrainConfig()
     for name in sorted({n for names in METHOD_OPTIONS.values() for n in names}):
         owners = [m for m, names in METHOD_OPTIONS.items() if name in names]
@@ -277,11 +414,6 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError("--cache_latents needs --center_crop (a random crop cannot be cached)")
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "rank", "num_class_images", "num_scene_images", "fusion_steps", "fusion_every",
-                 "pe_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     check_method_options(cfg)
     if cfg.export not in ("none", "kohya", "single_file"):
         raise ValueError(f"--export must be none, kohya or single_file, got '{cfg.export}'")
@@ -300,7 +432,11 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ModelLoadError(f"--pretrained_model_name_or_path file '{base}' does not exist")
     if looks_like_path(base) and not is_single_file(base) and not Path(base).is_dir():
         raise ModelLoadError(f"--pretrained_model_name_or_path folder '{base}' does not exist")
-    return read_inputs(cfg)
+    inputs = read_inputs(cfg)
+    for prompt, folder, count in inputs.priors:             # class images: the right prompt, a folder to write to
+        if len(check_class_images(folder, prompt)) < count:
+            cli.check_out_dir("--class_data_dir", folder)
+    return inputs
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -319,9 +455,10 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
     (--num_class_images): generated once by the frozen model, reused, topped up. DreamBooth's class images,
     ComFusion's class-scene images, the object-driven class images. Image i uses seed cfg.seed + i (so a top-up
     gives the images one run would have) and is made by rank i % world (so N processes share the work)."""
-    prompt, count = prompt or cfg.class_prompt, count or cfg.num_class_images
-    folder = Path(folder or cfg.class_data_dir)
-    have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
+    prompt = cfg.class_prompt if prompt is None else prompt
+    count = cfg.num_class_images if count is None else count
+    folder = Path(cfg.class_data_dir if folder is None else folder)
+    have = check_class_images(folder, prompt)
     if world > 1:
         dist.barrier()                          # every rank has counted before any rank writes
     todo = [i for i in range(len(have), count) if i % world == rank]
@@ -339,26 +476,66 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
     return paths
 
 
+def check_class_images(folder: Path, prompt: str) -> list[Path]:
+    """The class images already in `folder`: a folder of images made for another prompt (their PNG text records
+    it) is refused rather than reused. Images without a recorded prompt (your own photos) are used as they are."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"class image folder '{folder}' is a file, not a folder")
+    have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
+    for path in have:
+        made_for = png_prompt(path)
+        if made_for is not None and made_for != prompt:
+            raise ValueError(f"class image '{path}' was made for the prompt '{made_for}', not '{prompt}': give another "
+                             f"--class_data_dir (or empty this one) so the prior matches the prompt")
+    return have
+
+
+def png_prompt(path: Path) -> str | None:
+    """The `prompt` text chunk of a PNG that save_png wrote (None for other images)."""
+    if path.suffix.lower() != ".png":
+        return None
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get("prompt")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image '{path}': {e}") from None
+
+
+def check_prompts(models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
+    """Prompts over CLIP's 77 tokens are cut: warn as sample.py does; an identifier in the part cut off would never
+    be seen, which is an error."""
+    prompts = [p for _, p, _ in inputs.instance] + [p for p, _, _ in inputs.priors]
+    warn_long_prompts(models.tokenizer, prompts + ([cfg.validation_prompt] if cfg.validation_prompt else []))
+    if cfg.method in ("textual_inversion", "objectdriven"):
+        return
+    for p in dict.fromkeys(prompts[:len(inputs.instance)]):
+        kept = models.tokenizer.decode(models.tokenizer.encode(p)[1:models.tokenizer.max_length - 1])
+        if cfg.identifier in p.split() and cfg.identifier.lower() not in kept.split():
+            raise ValueError(f"--instance_prompt '{p[:60]}...' puts the identifier '{cfg.identifier}' past CLIP's "
+                             f"{models.tokenizer.max_length} tokens, where it is cut off: move it to the front")
+
+
 def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] | None = None) -> list[dict]:
     """Freeze everything, then unfreeze what the method trains; add the new `tokens` (token -> words) to the
     vocabulary. Returns optimizer parameter groups."""
     for m in (models.unet, models.vae, *models.text_encoders.values()):
         m.requires_grad_(False)
-    lr = cfg.learning_rate or DEFAULT_LR[cfg.method]
+    lr = DEFAULT_LR[cfg.method] if cfg.learning_rate is None else cfg.learning_rate
+    text_lr = lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
     groups = []
     if cfg.method in ("dreambooth", "comfusion"):                      # the whole UNet [paper; ComFusion: ours]
         models.unet.requires_grad_(True)
         groups.append({"params": list(models.unet.parameters()), "lr": lr})
         for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
             encoder.requires_grad_(True)
-            groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or lr})
+            groups.append({"params": list(encoder.parameters()), "lr": text_lr})
     if cfg.method in ("dreambooth_lora", "objectdriven"):              # LoRA on the attention projections
-        alpha = cfg.lora_alpha or cfg.rank
+        alpha = cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha
         inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha)
         groups.append({"params": lora_params(models.unet), "lr": lr})
         for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
             inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha)
-            groups.append({"params": lora_params(encoder), "lr": cfg.text_encoder_lr or lr})
+            groups.append({"params": lora_params(encoder), "lr": text_lr})
     if tokens:                                                         # new rows of the embedding table
         for token, words in tokens.items():
             init = models.tokenizer.encode(words)[1:-1]
@@ -407,7 +584,7 @@ def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, in
         files["embeddings"] = "learned_embeds.safetensors"
         files["tokens"] = list(inputs.tokens)
     if cfg.method in ("comfusion", "objectdriven"):                    # what the loss was trained against
-        files["loss_encoders"] = {"clip": cfg.clip_model or DEFAULT_CLIP[cfg.method],
+        files["loss_encoders"] = {"clip": DEFAULT_CLIP[cfg.method] if cfg.clip_model is None else cfg.clip_model,
                                   **({"dino": cfg.dino_model} if cfg.method == "comfusion" else {})}
     base = cfg.pretrained_model_name_or_path
     base = str(Path(base).resolve()) if Path(base).exists() else base   # a folder or file; a Hub id stays an id
@@ -448,6 +625,36 @@ def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs
 
 # ----------------------------------------------------------------------------- main
 
+def write_log(file, logs: dict) -> None:
+    """One JSON line of logs.jsonl; a NaN or infinite value is written as null (JSON has no NaN)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in logs.items()}
+    file.write(json.dumps(clean, allow_nan=False) + "\n")
+    file.flush()
+
+
+def stop_if_diverged(finite: bool, grad_norm: float, scaler_on: bool, cfg: TrainConfig, step: int, logs: dict,
+                     log_file, world: int = 1, device=None) -> None:
+    """A NaN or infinite loss (or gradient, outside fp16's scaler, which skips those steps itself) ends the run
+    before the optimizer step, so the weights stay those of the last good step; no model is written, the last
+    checkpoint stays the result. All processes stop together."""
+    finite = finite and (scaler_on or math.isfinite(grad_norm))
+    if world > 1:
+        flag = torch.tensor(float(finite), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag)
+    if finite:
+        return
+    if log_file is not None:
+        write_log(log_file, {"step": step, **logs, "grad_norm": grad_norm})
+        log_file.close()
+    last = checkpoint.latest_checkpoint(cfg.output_dir)
+    kept = (f"the last good checkpoint is '{last}' (continue with --resume_from_checkpoint latest and a lower "
+            f"--learning_rate)") if last else "no checkpoint had been written yet"
+    hint = ", or use --mixed_precision bf16 (fp16 overflows)" if cfg.mixed_precision == "fp16" else ""
+    raise ValueError(f"the loss is {logs.get('loss', float('nan'))} at step {step} (gradient norm {grad_norm:g}): "
+                     f"training diverged, so it stopped without writing a model. Lower --learning_rate{hint}; {kept}")
+
+
 def setup_distributed(cfg: TrainConfig):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then join the process group (NCCL on GPUs, gloo on CPUs).
     Returns (rank, world size, device)."""
@@ -472,6 +679,7 @@ def row_generator(cfg: TrainConfig, step: int, micro: int, kind: int, row: int) 
 
 def train(cfg: TrainConfig) -> SDModels:
     """Run the whole training described by `cfg`; returns the trained models (the files are in output_dir)."""
+    check_common(cfg)
     if cfg.method == "photoverse":              # adapters pretrained over a face dataset: its own loop
         import photoverse_train
         return photoverse_train.pretrain(cfg)
@@ -480,7 +688,7 @@ def train(cfg: TrainConfig) -> SDModels:
         return pretrain.from_train_config(cfg)
     inputs = check_config(cfg)
     out = Path(cfg.output_dir)
-    resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
+    resume_from, resume_state = claim_output_dir(cfg)
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0                         # only rank 0 writes logs, checkpoints, images, the output
     half = HALF.get(cfg.mixed_precision)
@@ -489,6 +697,7 @@ def train(cfg: TrainConfig) -> SDModels:
     # 1. models, frozen parts in the mixed-precision dtype (as diffusers' scripts), trainable parts float32
     models = load_models(cfg.pretrained_model_name_or_path, device=device, revision=cfg.revision, variant=cfg.variant)
     check_against_model(models, cfg, inputs)
+    check_prompts(models, cfg, inputs)
     encoders = load_encoders(cfg, models, device, fresh=resume_from is None)
     class_rows = [(path, prompt) for prompt, folder, count in inputs.priors
                   for path in make_class_images(models, cfg, rank, world, prompt, folder, count)]
@@ -554,23 +763,26 @@ def train(cfg: TrainConfig) -> SDModels:
     # 4. resume (every rank reads the checkpoint; the random draws need no state: see row_generator)
     step = 0
     if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
         load_result(resume_from, models, cfg, inputs)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+        base_lrs = [g["initial_lr"] for g in optimizer.param_groups]   # this run's, applied after the load
+        optimizer.load_state_dict(resume_state["optimizer"])
+        lr_schedule.load_state_dict(resume_state["lr_scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        apply_resumed_settings(optimizer, lr_schedule, base_lrs, cfg)
+        step = resume_state["step"]
+        del resume_state
         print(f"resumed from {resume_from} at step {step}")
     log_path = out / "logs.jsonl"
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        start_output_dir(out, step if resume_from is not None else None)
         if log_path.is_file():                  # keep the log of the steps the model state contains
             kept = [line for line in log_path.read_text().splitlines()
                     if line and resume_from is not None and json.loads(line)["step"] <= step]
             atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
         with open(log_path, "a") as f:          # the object-driven stage 1 (step 0), one line per Adam step
-            f.writelines(json.dumps(line) + "\n" for line in pe_logs)
+            for line in pe_logs:
+                write_log(f, line)
 
     def draw_batch(micro: int):
         """This rank's B instance rows, then B class rows: each row a random image, crop, flip (TI: template),
@@ -623,6 +835,7 @@ def train(cfg: TrainConfig) -> SDModels:
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.method, unit="step", disable=not is_main)
     t0 = time.time()
     while step < cfg.max_train_steps:
+        finite = True
         for micro in range(cfg.gradient_accumulation_steps):
             with contextlib.ExitStack() as no_sync:
                 if world > 1 and micro < cfg.gradient_accumulation_steps - 1:   # all-reduce once per step
@@ -630,9 +843,11 @@ def train(cfg: TrainConfig) -> SDModels:
                         no_sync.enter_context(m.no_sync())
                 with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
                     loss, logs = loss_fn(draw_batch(micro), train_models, cfg)
+                finite = finite and bool(torch.isfinite(loss.detach()))
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        stop_if_diverged(finite, grad_norm, scaler.is_enabled(), cfg, step + 1, logs, log_file, world, device)
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
@@ -646,24 +861,26 @@ def train(cfg: TrainConfig) -> SDModels:
             values = torch.tensor(list(logs.values()), dtype=torch.float64, device=device)
             dist.all_reduce(values)
             logs = dict(zip(logs, (values / world).tolist()))
-        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs}
+        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs, "grad_norm": grad_norm,
+                "time": round(time.time() - t0, 3)}
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}")
         if not is_main:
             continue
-        log_file.write(json.dumps(logs) + "\n")
-        log_file.flush()
+        write_log(log_file, logs)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-                     "scaler": scaler.state_dict()}
-            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs), state,
-                                       cfg.checkpoints_total_limit)
+                     "scaler": scaler.state_dict(), "config": settings_record(cfg)}
+            saved = checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs), state,
+                                               cfg.checkpoints_total_limit)
+            bar.write(f"step {step}: checkpoint {saved}")
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()
             images = generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed,
                               steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution, progress=False)
-            save_png(make_grid(images), out / "validation" / f"step-{step:06d}.png",
-                     {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
+            grid = out / "validation" / f"step-{step:06d}.png"
+            save_png(make_grid(images), grid, {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
+            bar.write(f"step {step}: validation grid {grid}")
             models.unet.train()
     bar.close()
 
@@ -694,6 +911,7 @@ def demo_report(cfg: TrainConfig, out: Path) -> dict:
     classifier's; prompt alignment the toy CLIP's image-text cosine (the only thing the toy CLIP is trusted with)."""
     import eval as evaluate
     from sample import main as sample_main
+    shutil.rmtree(out / "samples", ignore_errors=True)       # this run's images only (sample.py adds a new set)
     prompts = [f"{cfg.instance_prompt} {s}" for s in DEMO_SCENES] + [f"{cfg.class_prompt} {s}" for s in DEMO_SCENES[:2]]
     sample_main(["--model", str(out), "--out", str(out / "samples"), "--num_images", "4", "--steps", "25",
                  "--guidance", str(DEMO_GUIDANCE), "--device", cfg.device] + [x for p in prompts for x in ("--prompt", p)])

@@ -481,6 +481,8 @@ def main(argv=None) -> dict:
     for flag in ("model", "dino_model", "clip_model", "face_model"):
         check_model_arg(flag, getattr(args, flag))
     check_classifier_arg(args.classifier)
+    cli.check_out_dir("--out", args.out)
+    device = cli.check_device(args.device)
     if args.model:
         if not (args.reference and Path(args.reference).is_dir()):
             raise ValueError(f"--dataset folder '{args.reference}' does not exist: the protocol needs the subjects' "
@@ -490,8 +492,6 @@ def main(argv=None) -> dict:
         references = {s: reference_images(Path(args.reference), s, len(jobs) == 1) for s, _, _ in jobs}
     else:
         groups = collect_groups(args)
-    cli.check_out_dir("--out", args.out)
-    device = cli.check_device(args.device)
     # 2. load the encoders (a download that fails should fail before hours of sampling), generate, score
     encoders = {"dino": ViTModel.from_pretrained(args.dino_model, device=device),
                 "clip": CLIPModel.from_pretrained(args.clip_model, device=device)}

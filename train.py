@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -48,7 +48,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 from data import list_images, load_image, prepare, prepare_with_crop
-from hub import ModelLoadError, atomic_write, looks_like_path, read_json
+from hub import ModelLoadError, atomic_write, looks_like_path, read_json, read_safetensors
 from lora import inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
 from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
@@ -311,12 +311,19 @@ FIXED_ON_RESUME = ("method", "pretrained_model_name_or_path", "revision", "varia
 RUN_FILES = ("logs.jsonl", "train_config.json", "validation")   # a run's files besides its checkpoints and result
 
 
+PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir", "scenes", "objects",
+               "instance_mask", "face_encoder", "clip_model", "dino_model")
+
+
 def settings_record(cfg: TrainConfig) -> dict:
-    """The run's settings as a checkpoint records them: paths made absolute, so a resume from another working
-    folder compares equal."""
-    def absolute(v):
-        return str(Path(v).expanduser().resolve()) if isinstance(v, str) and looks_like_path(v) and Path(v).expanduser().exists() else v
-    return {k: absolute(v) for k, v in asdict(cfg).items()}
+    """The run's settings as a checkpoint records them: existing paths made absolute, so a resume from another
+    working folder compares equal (a Hub id stays an id)."""
+    record = asdict(cfg)
+    for name in PATH_FIELDS:
+        path = record[name] and Path(record[name]).expanduser()
+        if path and path.exists():
+            record[name] = str(path.resolve())
+    return record
 
 
 def claim_output_dir(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
@@ -605,22 +612,27 @@ def export_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
 
 def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
     """Put a checkpoint's trained weights back into the (already set up) models, for --resume_from_checkpoint."""
-    if cfg.method in ("dreambooth", "comfusion"):
-        models.unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-        for name, encoder in models.text_encoders.items() if cfg.train_text_encoder else ():
-            encoder.load_state_dict(load_file(folder / name / "model.safetensors"))
-    if cfg.method in ("dreambooth_lora", "objectdriven"):
-        load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
-    if inputs.tokens:
-        rows = load_file(folder / "learned_embeds.safetensors")
-        ids = token_ids(models, inputs.tokens)
-        with torch.no_grad():
-            if models.text_encoder_2 is None:
-                for token, i in zip(inputs.tokens, ids):
-                    models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
-            else:
-                for key, name in SDXL_EMBEDDINGS.items():
-                    models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
+    try:
+        if cfg.method in ("dreambooth", "comfusion"):
+            models.unet.load_state_dict(read_safetensors(folder / "unet" / "diffusion_pytorch_model.safetensors")[0])
+            for name, encoder in models.text_encoders.items() if cfg.train_text_encoder else ():
+                encoder.load_state_dict(read_safetensors(folder / name / "model.safetensors")[0])
+        if cfg.method in ("dreambooth_lora", "objectdriven"):
+            load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
+        if inputs.tokens:
+            rows = read_safetensors(folder / "learned_embeds.safetensors")[0]
+            ids = token_ids(models, inputs.tokens)
+            with torch.no_grad():
+                if models.text_encoder_2 is None:
+                    for token, i in zip(inputs.tokens, ids):
+                        models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
+                else:
+                    for key, name in SDXL_EMBEDDINGS.items():
+                        models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
+    except (RuntimeError, KeyError) as e:       # load_state_dict lists every mismatched tensor: keep the first
+        first = next(iter(str(e).replace("\n\t", " ").splitlines()[1:2] or [str(e)]), "")[:300]
+        raise ModelLoadError(f"checkpoint '{folder}' does not fit this base model ({first.strip()}): resume with the "
+                             f"base model it was trained from") from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -934,7 +946,4 @@ def demo_report(cfg: TrainConfig, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ModelLoadError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -486,7 +486,7 @@ def sample_main(args) -> list[Path]:
     size = models.unet.config.sample_size * models.vae.factor
     height, width = (size if v is None else v for v in (args.height, args.width))
     check_settings(height, width, args.steps, args.guidance, args.sampler)
-    # 3. one latent per image from one seeded generator, then batches (sample.write_images, as sample.main)
+    # 3. one latent per image, each from its own seed, then batches (sample.write_images, as sample.main)
     def make_images(batch, latents, seed):
         return generate(models, face, batch, args.negative_prompt, num_words=args.num_words, gamma=args.gamma,
                         sigma=args.sigma, seed=seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,

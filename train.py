@@ -343,12 +343,13 @@ def claim_output_dir(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
     state = checkpoint.load_state(resume_from)
     info_path = resume_from / RESULT_INFO
     info = read_json(info_path) if info_path.is_file() else {}
-    then = state.get("config") or {}
+    then = dict(state.get("config") or {})     # older checkpoints: only what nanobooth.json records
+    for name, key in (("method", "method"), ("pretrained_model_name_or_path", "base_model")):
+        if name not in then and key in info:
+            then[name] = info[key]
     now = settings_record(cfg)
-    then.setdefault("method", info.get("method"))
-    then.setdefault("pretrained_model_name_or_path", info.get("base_model"))
     for name in FIXED_ON_RESUME:
-        if name in then and then[name] is not None and then[name] != now[name]:
+        if name in then and then[name] != now[name]:
             raise ValueError(f"cannot resume from '{resume_from}': it was made with --{name} {then[name]}, this run has "
                              f"--{name} {now[name]}. Use the same value, or start a new run (another --output_dir, "
                              f"or --overwrite_output_dir)")
@@ -362,7 +363,6 @@ def apply_resumed_settings(optimizer, lr_schedule, base_lrs: list[float], cfg: T
     for group, base, shape in zip(optimizer.param_groups, base_lrs, lr_schedule.lr_lambdas):
         group.update(initial_lr=base, lr=base * shape(lr_schedule.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2),
                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
-    lr_schedule._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def start_output_dir(out: Path, resume_step: int | None) -> None:

@@ -3,12 +3,13 @@
 A checkpoint is a folder `OUTPUT/checkpoint-STEP/` holding
 - the method's result files, exactly as the final output (a diffusers model folder, a LoRA file or a
   learned-embeddings file, plus `nanobooth.json`), so `sample.py --model OUTPUT/checkpoint-STEP` works;
-- `training_state.pt`: step, optimizer, lr scheduler and random-generator states (tensors and plain
-  Python values only, read back with `torch.load(weights_only=True)`).
+- `training_state.pt`: step, optimizer, lr scheduler and gradient-scaler states and the run's settings, which
+  a resume is checked against (tensors and plain Python values only, read back with
+  `torch.load(weights_only=True)`).
 
 It is written into `.checkpoint-STEP.tmp/` and renamed into place when complete (a rename is atomic on
-one file system), so the newest `checkpoint-*` folder is always whole; a crash leaves at most a `.tmp`
-folder, which the next save removes and `latest_checkpoint` never picks.
+one file system), so the newest `checkpoint-*` folder is always whole; a failed write removes its `.tmp` folder,
+and what a killed process leaves (which `latest_checkpoint` never picks) the next run removes (`remove_temp_files`).
 """
 import os
 import re
@@ -41,8 +42,12 @@ def save_checkpoint(output_dir, step: int, write_result, state: dict, total_limi
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_result(tmp)
-    torch.save({**state, "step": step}, tmp / STATE_FILE)
+    try:
+        write_result(tmp)
+        torch.save({**state, "step": step}, tmp / STATE_FILE)
+    except BaseException:                       # a failed write leaves no half checkpoint (a UNet's worth of bytes)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():                          # same step saved again (e.g. after a resume): replace it
         old = output_dir / f".checkpoint-{step}.old"
         os.replace(final, old)

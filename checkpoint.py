@@ -97,6 +97,41 @@ def remove_temp_files(output_dir) -> list[Path]:
     return found
 
 
+# ----------------------------------------------------------------------------- the run's folder
+
+def claim_output_dir(output_dir, resume: str | None, overwrite: bool, run_files) -> tuple[Path | None, dict | None]:
+    """A run owns its output folder. Returns (checkpoint to resume from, its training state), or (None, None) for a
+    fresh run. A fresh run into a folder that holds another run (checkpoints or `run_files`) is refused unless
+    `overwrite` (or `resume` is 'latest' and there is no checkpoint); a damaged checkpoint is refused."""
+    out = Path(output_dir)
+    resume_from = resolve_resume(out, resume)
+    if resume_from is not None:
+        return resume_from, load_state(resume_from)
+    held = [p.name for p in checkpoints(out)][-1:] or [name for name in run_files if (out / name).exists()][:1]
+    if held and not overwrite and resume != "latest":
+        raise ValueError(f"--output_dir '{out}' holds another run ({held[0]}): resume it with --resume_from_checkpoint "
+                         f"latest, replace it with --overwrite_output_dir, or choose another --output_dir")
+    return None, None
+
+
+def start_output_dir(output_dir, resume_step: int | None, run_files) -> None:
+    """Make the folder this run's (after claim_output_dir allowed it): remove orphan temp files; a fresh run
+    removes an earlier run's checkpoints and `run_files`; a resumed one the validation grids past its step."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)
+    if resume_step is None:
+        for path in checkpoints(out) + [out / name for name in run_files]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return
+    for path in (out / "validation").glob("step-*.png"):
+        if (m := re.fullmatch(r"step-(\d+)\.png", path.name)) and int(m.group(1)) > resume_step:
+            path.unlink()
+
+
 def resolve_resume(output_dir, resume: str | None) -> Path | None:
     """--resume_from_checkpoint: a checkpoint folder, or 'latest' (None if the output has none yet)."""
     if not resume:

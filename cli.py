@@ -1,15 +1,21 @@
 """What the four command-line scripts (train.py, sample.py, eval.py, export.py) share: an argument parser whose
-errors are one line, the checks of an output path and a device made before any work, and the entry point that
-turns a user's mistake into one line naming the file or the fix instead of a traceback.
+errors are one line (and train.py's, built from its config dataclass and the comments beside its fields), the
+checks of an output path, a device and a number made before any work, and the entry point that turns a user's
+mistake into one line naming the file or the fix instead of a traceback.
 
     if __name__ == "__main__":
         cli.run(main)
 """
 import argparse
+import dataclasses
+import inspect
 import math
 import os
+import re
 import sys
 import tempfile
+import textwrap
+import typing
 from pathlib import Path
 
 import torch
@@ -26,6 +32,57 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def field_help(cls) -> list[tuple[str, str, dict[str, str]]]:
+    """[(group title, group text, {field: help})] read from the comments in dataclass `cls`'s source: the comment
+    after a field is its help, continued on comment lines indented past the fields; a comment line at the fields'
+    own indentation starts a group ("ComFusion (details): more" -> title "ComFusion", text the whole line)."""
+    groups = [("general", "", {})]
+    fields, name, in_doc = None, None, False
+    source = inspect.getsource(cls).splitlines()
+    for line in source[next(i for i, text in enumerate(source) if text.startswith("class ")) + 1:]:
+        if line.count('"""') % 2:                      # the class docstring
+            in_doc = not in_doc
+            continue
+        if in_doc or not line.strip() or line.strip().startswith('"""'):
+            continue
+        indent = len(line) - len(line.lstrip())
+        code, _, comment = ("", "", line.lstrip()[1:]) if line.lstrip().startswith("#") else line.partition("  # ")
+        comment = comment.strip()
+        if code.strip():                               # "name: type = default  # help"
+            fields, name = groups[-1][2], code.split(":")[0].strip()
+            fields[name] = comment
+        elif indent == 4 and (fields is not None or groups[-1][2]):   # a group heading
+            groups.append((re.split(r" \(|: |; ", comment)[0], comment, {}))
+            fields = None
+        elif fields is None:                           # the heading goes on
+            title, text, names = groups[-1]
+            groups[-1] = (title, f"{text} {comment}", names)
+        else:                                          # the field's help goes on
+            fields[name] = f"{fields[name]} {comment}"
+    return groups
+
+
+def config_parser(cls, description: str, epilog: str = "", extra_help: dict | None = None) -> Parser:
+    """A parser with one flag per field of dataclass `cls`, its type from the annotation, its help and group from
+    the comments (`field_help`), its default shown; a bool is --flag / --no-flag."""
+    p = Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults, kinds = {f.name: f.default for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+    for title, text, names in field_help(cls):
+        group = p.add_argument_group(title, textwrap.fill(text, 100) if text else None)
+        for name, help_text in names.items():
+            kind = next(k for k in typing.get_args(kinds[name]) or (kinds[name],) if k is not type(None))
+            help_text = help_text.replace("%", "%%") + (extra_help or {}).get(name, "")
+            if kind is bool:
+                action = group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                                            default=defaults[name], help=help_text)
+            else:
+                action = group.add_argument(f"--{name}", type=kind, default=defaults[name], help=help_text,
+                                            metavar=kind.__name__.upper())
+            if "%(default)" not in action.help:        # (Python 3.10 adds it to BooleanOptionalAction itself)
+                action.help += " (default: %(default)s)"
+    return p
 
 
 def run(main) -> None:

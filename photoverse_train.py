@@ -37,8 +37,8 @@ from photoverse import (CHECKPOINT_NAME, IdentityEncoder, PhotoVerseConfig, Phot
                         image_states, load_trained_parts, read_adapter_meta, save_adapter, set_image_condition,
                         trainable_parameters)
 from sample import default_device, load_models, make_grid, save_png, write_result_info
-from train import (HALF, LR_SCHEDULES, METHOD_OPTIONS, TrainConfig, apply_resumed_settings, check_common, claim_output_dir,
-                   row_generator, settings_record, start_output_dir, stop_if_diverged, write_log)
+from train import (HALF, LR_SCHEDULES, METHOD_OPTIONS, RUN_FILES, TrainConfig, apply_resumed_settings, check_common,
+                   claim_output_dir, row_generator, settings_record, stop_if_diverged, write_log)
 
 TRAIN_PROMPT = "a photo of S*"      # [paper]: the training caption, and the one L_face's estimate is made under
 CLIP_MODEL = "openai/clip-vit-large-patch14"    # the image encoder [paper]: the CLIP whose text tower SD1 uses
@@ -334,7 +334,7 @@ def pretrain(cfg) -> PhotoVerseModels:
         apply_resumed_settings(optimizer, lr_schedule, base_lrs, cfg)
         step = resume_state["step"]
         print(f"resumed from {resume_from} at step {step}")
-    start_output_dir(out, step if resume_from is not None else None)
+    checkpoint.start_output_dir(out, step if resume_from is not None else None, RUN_FILES)
     log_path = out / "logs.jsonl"
     if log_path.is_file():                      # keep the log of the steps the trained state contains
         kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]

@@ -20,19 +20,14 @@ What differs between methods is the data they read, their frozen encoders and se
 the trainable set (here) and the loss (losses.py). Two methods add a little to the loop: ComFusion's fusion-stream
 rows in each batch (`draw_fusion_rows`), and the object-driven method's stage 1 before it (`prototypical_stage`).
 """
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
-import inspect
 import os
-import re
 import shutil
 import sys
-import textwrap
 import time
-import typing
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,13 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
 import cli
-from data import list_images, load_image, prepare, prepare_with_crop
+from data import list_images, load_image, png_text, prepare, prepare_with_crop
 from hub import ModelLoadError, atomic_write, looks_like_path, read_json, read_safetensors
 from lora import inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
@@ -68,7 +62,7 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class TrainConfig:
     """Every flag of train.py. `python train.py --help` is built from this class: each field's comment is its help
-    text, and a comment line of its own starts a group of flags (see `field_help`)."""
+    text, and a comment line of its own starts a group of flags (cli.field_help)."""
     method: str = "dreambooth"               # what to train (pretrain_*: one stage of the toy model, pretrain.py)
     pretrained_model_name_or_path: str = DEFAULT_MODEL   # the base model: Hub id, diffusers folder, or one
                                              # .safetensors / .ckpt file
@@ -178,59 +172,11 @@ DEMO_GUIDANCE = 4.0          # the toy model's images are best near 4 (benchmark
 
 # ----------------------------------------------------------------------------- configuration and checks
 
-def field_help(cls) -> list[tuple[str, str, dict[str, str]]]:
-    """[(group title, group text, {field: help})] read from the comments in `cls`'s source: the comment after a
-    field is its help, continued on comment lines indented past the fields; a comment line at the fields' own
-    indentation starts a group ("ComFusion (details): more" -> title "ComFusion", text the whole line)."""
-    groups = [("general", "", {})]
-    last, in_doc = None, False
-    source = inspect.getsource(cls).splitlines()
-    for line in source[next(i for i, l in enumerate(source) if l.startswith("class ")) + 1:]:
-        if line.count('"""') % 2:
-            in_doc = not in_doc
-            continue
-        if in_doc or not line.strip() or line.strip().startswith('"""'):
-            continue
-        indent = len(line) - len(line.lstrip())
-        code, _, comment = line.partition("  # ") if not line.lstrip().startswith("#") else ("", "", line.lstrip()[1:])
-        comment = comment.strip()
-        if code.strip():                                   # "name: type = default  # help"
-            last = groups[-1][2]
-            name = code.split(":")[0].strip()
-            last[name] = comment
-            last_name = name
-        elif indent == 4 and (last is not None or groups[-1][2]):   # a group heading
-            title = re.split(r" \(|: |; ", comment)[0]
-            groups.append((title, comment, {}))
-            last = None
-        elif last is None:                                 # the heading goes on
-            title, text, names = groups[-1]
-            groups[-1] = (title, f"{text} {comment}", names)
-        else:                                              # the field's help goes on
-            last[last_name] = f"{last[last_name]} {comment}"
-    return groups
-
-
 def parse_args(argv=None) -> TrainConfig:
-    """The flags of TrainConfig, grouped and explained by its comments (`field_help`)."""
-    p = cli.Parser(description=__doc__.split("\n\n")[0], epilog="Every flag's text comes from TrainConfig in train.py.",
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults, kinds = asdict(TrainConfig()), typing.get_type_hints(TrainConfig)
-    for title, text, names in field_help(TrainConfig):
-        group = p.add_argument_group(title, textwrap.fill(text, 100) if text else None)
-        for name, help_text in names.items():
-            kind = next(k for k in typing.get_args(kinds[name]) or (kinds[name],) if k is not type(None))
-            help_text = help_text.replace("%", "%%")
-            if name == "method":
-                help_text += f": {', '.join(METHODS)}"
-            if kind is bool:                   # --flag / --no-flag (the demo's defaults can be turned off)
-                action = group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
-                                            default=defaults[name], help=help_text)
-            else:
-                action = group.add_argument(f"--{name}", type=kind, default=defaults[name], help=help_text,
-                                            metavar=kind.__name__.upper())
-            if "%(default)" not in action.help:  # (some Python versions add it to BooleanOptionalAction themselves)
-                action.help += " (default: %(default)s)"
+    """The flags of TrainConfig, grouped and explained by its comments (cli.config_parser)."""
+    p = cli.config_parser(TrainConfig, description=__doc__.split("\n\n")[0],
+                          epilog="Every flag's text is the comment beside its field in TrainConfig (train.py).",
+                          extra_help={"method": f": {', '.join(METHODS)}"})
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         p.set_defaults(**DEMO)
@@ -308,7 +254,11 @@ def check_common(cfg: TrainConfig) -> None:
 FIXED_ON_RESUME = ("method", "pretrained_model_name_or_path", "revision", "variant", "train_text_encoder", "rank",
                    "lora_alpha", "placeholder_token", "initializer_token", "objects", "instance_mask", "pe_steps",
                    "pe_lr", "mixed_precision", "vision_layers", "adapter_dim")
-RUN_FILES = ("logs.jsonl", "train_config.json", "validation")   # a run's files besides its checkpoints and result
+# A run's files besides its checkpoints: a fresh run into the folder removes them. The result files are those
+# write_result, export_result and photoverse_train write at the top of --output_dir.
+RUN_FILES = ("logs.jsonl", "train_config.json", "validation", "model_index.json", "unet", "vae", "text_encoder",
+             "tokenizer", "scheduler", RESULT_INFO, "pytorch_lora_weights.safetensors", "learned_embeds.safetensors",
+             "lora_kohya.safetensors", "model.safetensors", "photoverse.safetensors")
 
 
 PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir", "scenes", "objects",
@@ -327,22 +277,13 @@ def settings_record(cfg: TrainConfig) -> dict:
 
 
 def claim_output_dir(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
-    """A run owns its --output_dir. Returns (checkpoint to resume from, its training state) or (None, None) for a
-    fresh run. Refused, before any model loads: a fresh run into a folder that holds another run (unless
-    --overwrite_output_dir), and a resume whose checkpoint is damaged or was made with other fixed settings."""
-    out = Path(cfg.output_dir)
-    resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
+    """checkpoint.claim_output_dir (a run owns its folder; a checkpoint is whole), then the checkpoint's recorded
+    settings against this run's: FIXED_ON_RESUME must match. Before any model loads. Returns (checkpoint, state)."""
+    resume_from, state = checkpoint.claim_output_dir(cfg.output_dir, cfg.resume_from_checkpoint,
+                                                     cfg.overwrite_output_dir, RUN_FILES)
     if resume_from is None:
-        found = checkpoint.checkpoints(out)
-        others = [name for name in RUN_FILES if (out / name).exists()]
-        if (found or others) and not cfg.overwrite_output_dir and cfg.resume_from_checkpoint != "latest":
-            held = found[-1].name if found else others[0]
-            raise ValueError(f"--output_dir '{out}' holds another run ({held}): resume it with --resume_from_checkpoint "
-                             f"latest, replace it with --overwrite_output_dir, or choose another --output_dir")
         return None, None
-    state = checkpoint.load_state(resume_from)
-    info_path = resume_from / RESULT_INFO
-    info = read_json(info_path) if info_path.is_file() else {}
+    info = read_json(resume_from / RESULT_INFO) if (resume_from / RESULT_INFO).is_file() else {}
     then = dict(state.get("config") or {})     # older checkpoints: only what nanobooth.json records
     for name, key in (("method", "method"), ("pretrained_model_name_or_path", "base_model")):
         if name not in then and key in info:
@@ -363,30 +304,6 @@ def apply_resumed_settings(optimizer, lr_schedule, base_lrs: list[float], cfg: T
     for group, base, shape in zip(optimizer.param_groups, base_lrs, lr_schedule.lr_lambdas):
         group.update(initial_lr=base, lr=base * shape(lr_schedule.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2),
                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
-
-
-def start_output_dir(out: Path, resume_step: int | None) -> None:
-    """Make the output folder this run's: remove orphan temp files; a fresh run removes an earlier run's
-    checkpoints, logs, validation images and result (claim_output_dir allowed it); a resumed one the validation
-    images past its step (its log is cut in the loop's set-up)."""
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_temp_files(out)
-    if resume_step is None:
-        for path in checkpoint.checkpoints(out) + [out / n for n in RUN_FILES + RESULT_FILES]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    else:
-        for path in (out / "validation").glob("step-*.png"):
-            if re.fullmatch(r"step-(\d+)\.png", path.name) and int(path.stem[5:]) > resume_step:
-                path.unlink()
-
-
-# the result files train.py writes at the top of --output_dir (write_result, export_result, photoverse_train)
-RESULT_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", RESULT_INFO,
-                "pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "lora_kohya.safetensors",
-                "model.safetensors", "photoverse.safetensors")
 
 
 def check_config(cfg: TrainConfig) -> Inputs:
@@ -490,22 +407,11 @@ def check_class_images(folder: Path, prompt: str) -> list[Path]:
         raise ValueError(f"class image folder '{folder}' is a file, not a folder")
     have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
     for path in have:
-        made_for = png_prompt(path)
+        made_for = png_text(path).get("prompt")
         if made_for is not None and made_for != prompt:
             raise ValueError(f"class image '{path}' was made for the prompt '{made_for}', not '{prompt}': give another "
                              f"--class_data_dir (or empty this one) so the prior matches the prompt")
     return have
-
-
-def png_prompt(path: Path) -> str | None:
-    """The `prompt` text chunk of a PNG that save_png wrote (None for other images)."""
-    if path.suffix.lower() != ".png":
-        return None
-    try:
-        with Image.open(path) as im:
-            return getattr(im, "text", {}).get("prompt")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image '{path}': {e}") from None
 
 
 def check_prompts(models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
@@ -786,7 +692,7 @@ def train(cfg: TrainConfig) -> SDModels:
         print(f"resumed from {resume_from} at step {step}")
     log_path = out / "logs.jsonl"
     if is_main:
-        start_output_dir(out, step if resume_from is not None else None)
+        checkpoint.start_output_dir(out, step if resume_from is not None else None, RUN_FILES)
         if log_path.is_file():                  # keep the log of the steps the model state contains
             kept = [line for line in log_path.read_text().splitlines()
                     if line and resume_from is not None and json.loads(line)["step"] <= step]

@@ -116,16 +116,18 @@ def claim_output_dir(output_dir, resume: str | None, overwrite: bool, run_files)
 
 def start_output_dir(output_dir, resume_step: int | None, run_files) -> None:
     """Make the folder this run's (after claim_output_dir allowed it): remove orphan temp files; a fresh run
-    removes an earlier run's checkpoints and `run_files`; a resumed one the validation grids past its step."""
+    removes an earlier run's checkpoints and `run_files` (only where the folder holds a run: checkpoints or
+    `run_files[0]`, so a folder of other files is never emptied); a resumed one the validation grids past its step."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out)
-    if resume_step is None:
+    if resume_step is None and (checkpoints(out) or (out / run_files[0]).exists()):
         for path in checkpoints(out) + [out / name for name in run_files]:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+    if resume_step is None:
         return
     for path in (out / "validation").glob("step-*.png"):
         if (m := re.fullmatch(r"step-(\d+)\.png", path.name)) and int(m.group(1)) > resume_step:

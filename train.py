@@ -240,6 +240,10 @@ def check_common(cfg: TrainConfig) -> None:
     else:
         cli.check_device(cfg.device)
     cli.check_out_dir("--output_dir", cfg.output_dir)
+    base = Path(cfg.pretrained_model_name_or_path).expanduser()
+    if base.exists() and base.resolve() == Path(cfg.output_dir).expanduser().resolve():
+        raise ValueError(f"--output_dir '{cfg.output_dir}' is the base model's folder: the run would overwrite it; "
+                         f"choose another --output_dir")
     if cfg.class_data_dir and Path(cfg.class_data_dir).exists() and not Path(cfg.class_data_dir).is_dir():
         raise ValueError(f"--class_data_dir '{cfg.class_data_dir}' is a file, not a folder")
     if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
@@ -256,7 +260,7 @@ FIXED_ON_RESUME = ("method", "pretrained_model_name_or_path", "revision", "varia
                    "pe_lr", "mixed_precision", "vision_layers", "adapter_dim")
 # A run's files besides its checkpoints: a fresh run into the folder removes them. The result files are those
 # write_result, export_result and photoverse_train write at the top of --output_dir.
-RUN_FILES = ("logs.jsonl", "train_config.json", "validation", "model_index.json", "unet", "vae", "text_encoder",
+RUN_FILES = ("train_config.json", "logs.jsonl", "validation", "model_index.json", "unet", "vae", "text_encoder",
              "tokenizer", "scheduler", RESULT_INFO, "pytorch_lora_weights.safetensors", "learned_embeds.safetensors",
              "lora_kohya.safetensors", "model.safetensors", "photoverse.safetensors")
 

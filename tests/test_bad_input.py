@@ -192,6 +192,8 @@ PATH_CASES = {  # name: (script, argv, message)
     "train class images of another prompt": ("train", lambda M, B, O: lora_args(M, O) + [
         "--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir", B / "cat_class"],
         r"class_00000.png' was made for the prompt 'a photo of cat', not 'a photo of dog'"),
+    "train --output_dir is the base model": ("train", lambda M, B, O: lora_args(M, M) + ["--overwrite_output_dir"],
+                                             r"is the base model's folder: the run would overwrite it"),
     "train --device cuda without CUDA": ("train", lambda M, B, O: lora_args(M, O) + ["--device", "cuda"],
                                          r"--device cuda: this PyTorch sees no CUDA GPU"),
     "train --device nonsense": ("train", lambda M, B, O: lora_args(M, O) + ["--device", "gpu0"],
@@ -330,7 +332,7 @@ def test_bad_files_paths_and_flags(name, bad, tiny_sd1, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    watched = {p: snapshot(p) for p in (out, bad)}
+    watched = {p: snapshot(p) for p in (out, bad, tiny_sd1)}
     status, text = fail(script, make_argv(tiny_sd1, bad, out), capsys)
     assert re.search(message, text), text
     assert status == (2 if "argument" in message else 1)

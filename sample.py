@@ -9,11 +9,14 @@ for SDXL) so that a seed gives the same image in both (tests/test_sample.py chec
 
     1. encode the prompts and the negative prompts with the CLIP text encoder -> c, c_neg (b, 77, d);
        SDXL: two encoders, their pooled text and the six size/crop numbers (`text_conditioning`, `time_ids`)
-    2. draw z_T ~ N(0, I) of shape (b, 4, H/8, W/8) in float32 on the CPU from torch.Generator(seed)
+    2. draw z_T ~ N(0, I) of shape (b, 4, H/8, W/8) in float32 on the CPU from torch.Generator(seed), or each
+       image from its own generator (a list of seeds, diffusers' `generator=[...]`)
     3. run a sampler (DDIM, DDPM, DPM-Solver++, Euler) on eps_hat = guided(unet, c, c_neg, w)
     4. decode x = D(z_0 / s) with the VAE (s = vae.config.scaling_factor) and map [-1, 1] -> [0, 255]
 
-`generate()` is the function other modules (class-image generation in train.py, eval.py) call.
+`generate()` is the function other modules (class-image generation in train.py, eval.py) call. The CLI gives
+image i the seed --seed + i, so any image is drawn again alone with its recorded seed, and writes each PNG's
+settings as text chunks plus AUTOMATIC1111's `parameters` chunk (`a1111_parameters`).
 """
 import dataclasses
 import json

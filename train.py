@@ -293,7 +293,8 @@ def claim_output_dir(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
         if name not in then and key in info:
             then[name] = info[key]
     now = settings_record(cfg)
-    for name in FIXED_ON_RESUME:
+    stage_1 = ("clip_model",) if cfg.method == "objectdriven" else ()   # its CLIP serves stage 1 only, done by then
+    for name in FIXED_ON_RESUME + stage_1:
         if name in then and then[name] != now[name]:
             raise ValueError(f"cannot resume from '{resume_from}': it was made with --{name} {then[name]}, this run has "
                              f"--{name} {now[name]}. Use the same value, or start a new run (another --output_dir, "

@@ -27,6 +27,17 @@ def list_images(folder, what: str = "instance") -> list[Path]:
     return paths
 
 
+def png_text(path) -> dict:
+    """The text chunks of a PNG (sample.save_png writes the prompt, the seed, ...); {} for other images."""
+    if Path(path).suffix.lower() != ".png":
+        return {}
+    try:
+        with Image.open(path) as im:
+            return dict(getattr(im, "text", {}))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image '{path}': {e}") from None
+
+
 def load_image(path) -> Image.Image:
     """Open an image file of any mode as 8-bit RGB."""
     try:

@@ -38,11 +38,9 @@ kept for prompt alignment (CLIP-T) only.
 Outputs in --out: metrics.json (the scores, per-subject and per-prompt rows, the backbones), metrics.csv (one
 row per image) and contact_sheet.png (per subject: its real photos, then some of the generated images).
 """
-import argparse
 import csv
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +49,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
+import cli
 import detector
 import world
 from data import IMAGE_SUFFIXES, load_image
 from face_encoder import IResNet
 from hub import ModelLoadError, atomic_write, looks_like_path, read_json
 from image_encoders import CLIPModel, FactorClassifier, ViTModel
-from sample import check_settings, default_device, generate, initial_latents, load_trained, make_grid, save_png
+from sample import check_settings, generate, load_trained, make_grid, save_png
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -152,9 +151,21 @@ def png_prompt(path: Path) -> str | None:
     return png_text(path).get("prompt")
 
 
-def generated_images(folder: Path) -> list[Path]:
-    """The images of a folder to score: all but sample.py's grid.png (its text has `prompts`, not `prompt`)."""
-    return [p for p in image_files(folder) if not ("prompts" in (text := png_text(p)) and "prompt" not in text)]
+def generated_images(folder: Path, set_id: int | None = None) -> list[Path]:
+    """The images of a folder to score: all but sample.py's grids (their text has `prompts`, not `prompt`), of one
+    sample.py run: a folder that holds several sets (sample.py's `set` text) is scored for the newest, or --set."""
+    texts = {p: png_text(p) for p in image_files(folder)}
+    images = {p: t for p, t in texts.items() if not ("prompts" in t and "prompt" not in t)}
+    sets = {p: int(t.get("set", 1)) for p, t in images.items()}
+    if len(set(sets.values())) <= 1 and set_id is None:
+        return list(images)
+    chosen = max(sets.values()) if set_id is None else set_id
+    if chosen not in sets.values():
+        raise ValueError(f"--set {chosen}: '{folder}' has sample.py sets {sorted(set(sets.values()))}")
+    if set_id is None:
+        print(f"'{folder}' holds {len(set(sets.values()))} sets of sample.py images: scoring the newest, set {chosen} "
+              f"(--set N scores another)")
+    return [p for p, k in sets.items() if k == chosen]
 
 
 def reference_images(reference: Path, subject: str, single: bool) -> list[Path]:
@@ -190,7 +201,7 @@ def collect_groups(args) -> list[Group]:
         folders = {s: d for s, d in folders.items() if not args.subjects or s in args.subjects}
     groups = []
     for subject, folder in folders.items():
-        paths = generated_images(folder)
+        paths = generated_images(folder, args.set)
         prompts = [args.prompt] * len(paths) if args.prompt else [png_prompt(p) for p in paths]
         missing = [p.name for p, q in zip(paths, prompts) if not q]
         if missing:
@@ -395,13 +406,12 @@ def generate_groups(args, jobs, references: dict[str, list[Path]], device) -> li
     for subject, cls, prompts in jobs:
         paths, texts = [], []
         for j, prompt in enumerate(prompts):
-            latents = initial_latents(args.num_images, size, size, args.seed, factor=models.vae.factor)
-            images = generate(models, [prompt] * args.num_images, seed=args.seed, steps=args.steps,
-                              guidance=args.guidance, sampler=args.sampler, height=size, width=size,
-                              latents=latents, progress=False)
+            seeds = [args.seed + k for k in range(args.num_images)]   # image k alone: sample.py --seed SEED+k
+            images = generate(models, [prompt] * args.num_images, seed=seeds, steps=args.steps,
+                              guidance=args.guidance, sampler=args.sampler, height=size, width=size, progress=False)
             for k, im in enumerate(images):
                 path = Path(args.out) / "images" / subject / f"{j:02d}_{k}.png"
-                save_png(im, path, dict(prompt=prompt, subject=subject, class_name=cls, seed=args.seed, index=k,
+                save_png(im, path, dict(prompt=prompt, subject=subject, class_name=cls, seed=seeds[k], index=k,
                                         steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                                         model=args.model))
                 paths.append(path)
@@ -413,7 +423,7 @@ def generate_groups(args, jobs, references: dict[str, list[Path]], device) -> li
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DreamBench metrics (DINO, CLIP-I, CLIP-T) of generated images.")
+    p = cli.Parser(description="DreamBench metrics (DINO, CLIP-I, CLIP-T) of generated images.")
     p.add_argument("--images", help="generated images: one folder, or one subfolder per subject (scoring mode)")
     p.add_argument("--reference", "--dataset", dest="reference",
                    help="real photos: one subject's folder, or a DreamBench folder with a subfolder per subject")
@@ -426,18 +436,20 @@ def parse_args(argv=None):
     p.add_argument("--identifier", default="sks", help="the subject's rare token: fills {0} in the prompts and is "
                    "removed from CLIP-T's text")
     p.add_argument("--keep_identifier", action="store_true", help="keep the identifier in CLIP-T's text")
-    p.add_argument("--dino_model", default=DEFAULT_DINO)
+    p.add_argument("--set", type=int, help="scoring: which sample.py set of a folder holding several (None: the "
+                   "newest)")
+    p.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT for the DINO score")
     p.add_argument("--clip_model", default=DEFAULT_CLIP, help="openai/clip-vit-base-patch32 or -large-patch14")
     p.add_argument("--face_model", help="optional: an arcface_torch IResNet checkpoint file, adds a `face` score")
     p.add_argument("--classifier", help="optional, toy runs: a FactorClassifier folder (pretrain.py's classifier/), "
                    "adds shape_acc / colour_acc / scene_acc for the factors each prompt names")
     p.add_argument("--toy_subject", choices=list(world.NOVEL_SUBJECTS), help="optional, toy runs: the novel subject "
                    "the images should show; adds subject_present and shape_present (detector.py)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=50, help="protocol: sampler steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="protocol: classifier-free guidance scale")
+    p.add_argument("--sampler", default="ddim", help="protocol: ddim, ddpm, dpmpp or euler")
+    p.add_argument("--seed", type=int, default=0, help="protocol: the seed of every prompt's images")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--out", default="eval", help="output folder")
     return p.parse_args(argv)
 
@@ -461,11 +473,16 @@ def main(argv=None) -> dict:
         raise ValueError("give --images DIR to score generated images, or --model MODEL to generate and score")
     if args.model and args.prompt:
         raise ValueError("--prompt is for scoring --images; the protocol uses DreamBench's prompts (see --prompt_ids)")
-    if args.num_images < 1:
-        raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
+    cli.check_number("--num_images", args.num_images, ">= 1")
+    cli.check_number("--seed", args.seed, ">= 0")
+    cli.check_number("--set", args.set, ">= 1")
+    if args.model and args.set is not None:
+        raise ValueError("--set picks the images of --images to score; the protocol generates its own")
     for flag in ("model", "dino_model", "clip_model", "face_model"):
         check_model_arg(flag, getattr(args, flag))
     check_classifier_arg(args.classifier)
+    cli.check_out_dir("--out", args.out)
+    device = cli.check_device(args.device)
     if args.model:
         if not (args.reference and Path(args.reference).is_dir()):
             raise ValueError(f"--dataset folder '{args.reference}' does not exist: the protocol needs the subjects' "
@@ -475,7 +492,6 @@ def main(argv=None) -> dict:
         references = {s: reference_images(Path(args.reference), s, len(jobs) == 1) for s, _, _ in jobs}
     else:
         groups = collect_groups(args)
-    device = default_device() if args.device == "auto" else args.device
     # 2. load the encoders (a download that fails should fail before hours of sampling), generate, score
     encoders = {"dino": ViTModel.from_pretrained(args.dino_model, device=device),
                 "clip": CLIPModel.from_pretrained(args.clip_model, device=device)}
@@ -502,7 +518,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ModelLoadError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -9,14 +9,12 @@ output or checkpoint folder); a LoRA result is merged into its base model first.
 single_file.py; the LoRA renaming lives in lora.py. Textual Inversion results are refused: a single file has
 no tokenizer, so their embeddings file is what to share.
 """
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
 
-from hub import ModelLoadError
+import cli
+from hub import ModelLoadError, looks_like_path, read_json
 from lora import lora_file, lora_to_kohya
 from sample import RESULT_INFO, load_trained
 from single_file import save_single_file
@@ -27,11 +25,23 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 def check_out(out) -> None:
     if not str(out).endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors (we never write pickles), got '{out}'")
+    cli.check_out_file("--out", out)
+
+
+def check_model(model) -> None:
+    """--model: a path must exist (a Hub id is checked when it is fetched); a folder must hold a model."""
+    path = Path(model).expanduser()
+    if looks_like_path(str(model)) and not path.exists():
+        raise ModelLoadError(f"--model '{model}' does not exist")
+    if path.is_dir() and not any((path / f).is_file() for f in ("model_index.json", RESULT_INFO)):
+        raise ModelLoadError(f"--model '{model}' is a folder but not a model (no model_index.json or {RESULT_INFO}): "
+                             f"give a diffusers model folder or a train.py output or checkpoint folder")
 
 
 def export_model(model, out, dtype: str = "fp16") -> Path:
     """A model (any `load_trained` input) -> one original-layout .safetensors."""
     check_out(out)
+    check_model(model)
     models = load_trained(model)
     return save_single_file(models, out, dtype=DTYPES[dtype], title=Path(out).stem)
 
@@ -41,7 +51,7 @@ def export_lora(lora, out, dtype: str = "fp16") -> Path:
     check_out(out)
     path = Path(lora)
     if path.is_dir() and (path / RESULT_INFO).is_file():
-        info = json.loads((path / RESULT_INFO).read_text())
+        info = read_json(path / RESULT_INFO)
         if "lora" not in info:
             raise ValueError(f"'{path}' is a {info.get('method', 'non-LoRA')} result with no LoRA file: "
                              f"export it with --model instead")
@@ -52,8 +62,8 @@ def export_lora(lora, out, dtype: str = "fp16") -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Write a model as one original-layout .safetensors, or a LoRA in the "
-                                            "kohya / A1111 / ComfyUI layout.")
+    p = cli.Parser(description="Write a model as one original-layout .safetensors, or a LoRA in the "
+                               "kohya / A1111 / ComfyUI layout.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="Hub id, model folder, single file, or a train.py output/checkpoint folder")
     what.add_argument("--lora", help="a LoRA .safetensors, or a train.py LoRA output/checkpoint folder")
@@ -72,7 +82,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ModelLoadError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

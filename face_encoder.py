@@ -10,13 +10,11 @@ Checkpoint contract: module names equal arcface_torch's keys (`conv1.weight`, `l
 
 Shapes: b batch, c channels; aligned faces (b, 3, 112, 112) in [-1, 1], maps (b, c, h, w), embeddings (b, 512).
 """
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from einops import rearrange
-from safetensors.torch import load_file
 
 import hub
 from image_encoders import Preprocess, check_pixels
@@ -91,13 +89,7 @@ class IResNet(nn.Module):
         if not path.is_file():
             raise hub.ModelLoadError(f"face model '{path}' does not exist: pass an arcface_torch IResNet checkpoint "
                                      f"(such as ms1mv3_arcface_r100_fp16/backbone.pth)")
-        try:
-            if path.suffix == ".safetensors":
-                sd = load_file(path)
-            else:  # a pickle: never execute code from it
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-            raise hub.ModelLoadError(f"cannot read face model '{path}': {e}") from None
+        sd = hub.read_safetensors(path)[0] if path.suffix == ".safetensors" else hub.read_pickle(path)
         if not isinstance(sd, dict) or "fc.weight" not in sd:
             raise hub.ModelLoadError(f"'{path}' is not an arcface_torch IResNet state dict (no 'fc.weight')")
         layers = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5)]

@@ -19,13 +19,14 @@ Our models name their modules exactly as these files name their tensors, so a st
 """
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 
 class ModelLoadError(RuntimeError):
@@ -83,7 +84,41 @@ def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"'{path}' is missing: is '{path.parent}' a model folder in the diffusers layout?")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"'{path}' is not valid JSON ({e}): write or download it again") from None
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a .safetensors file; a missing, empty, truncated or foreign file is a ModelLoadError
+    naming it (safetensors checks that the header covers the whole file)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"'{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot read '{path}': not a complete .safetensors file ({' '.join(str(e).split())}); "
+                             f"write or download it again") from None
+
+
+def read_pickle(path):
+    """torch.load(weights_only=True): never runs code from the file; an unreadable file is a ModelLoadError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"'{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:         # anything but tensors and plain containers
+        first = next(iter(str(e).splitlines()), "")
+        raise ModelLoadError(f"'{path}' is not a plain state-dict pickle, so it is refused (torch.load with "
+                             f"weights_only=True: {first}); convert it to .safetensors with a tool you trust") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as e:   # empty, truncated, not a pickle at all
+        first = next(iter(str(e).splitlines()), "") or "the file is empty"
+        raise ModelLoadError(f"cannot read '{path}': empty, truncated or not a PyTorch file ({first[:200]}); "
+                             f"write or download it again") from None
 
 
 def weight_files(stems: list[str], variant: str | None = None) -> list[str]:
@@ -108,9 +143,9 @@ def read_state_dict(folder: Path, stems: list[str], variant: str | None = None) 
         sd = {}
         for shard in shards:
             if shard.suffix == ".safetensors":
-                sd.update(load_file(shard))
+                sd.update(read_safetensors(shard)[0])
             else:  # a pickle: never execute code from it
-                sd.update(torch.load(shard, map_location="cpu", weights_only=True))
+                sd.update(read_pickle(shard))
         return sd
     raise ModelLoadError(f"no weights in '{folder}': expected one of {weight_files(stems, variant)}")
 
@@ -119,11 +154,16 @@ def check_keys(model: torch.nn.Module, sd: dict, where) -> None:
     """Raise an error that names the missing and unexpected keys (strict loading would only count them)."""
     expected, got = set(model.state_dict().keys()), set(sd.keys())
     missing, unexpected = sorted(expected - got), sorted(got - expected)
+    def show(keys):
+        return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
     if missing or unexpected:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
         raise ModelLoadError(f"weights in '{where}' do not fit {type(model).__name__}: "
                              f"missing keys: [{show(missing)}]; unexpected keys: [{show(unexpected)}]")
+    shapes = model.state_dict()
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in shapes.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise ModelLoadError(f"weights in '{where}' do not fit {type(model).__name__} (file shape vs model shape): "
+                             f"{show(wrong)}: is it another model's file, or its config.json another model's?")
 
 
 def load_model(build, folder: Path, stems: list[str], variant=None, dtype=torch.float32, device="cpu", fix_keys=None):

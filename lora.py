@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hub import atomic_write
+from hub import atomic_write, read_safetensors
 
 # The attention projections: what diffusers' DreamBooth LoRA script targets in the UNet.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -318,9 +317,7 @@ def read_lora_file(path) -> tuple[dict, dict]:
     file = lora_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"no LoRA file at '{file}'")
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(file)
     theirs = json.loads(meta.get("lora_adapter_metadata") or "{}")
     alphas = {k.removesuffix(".lora_alpha"): float(v) for k, v in theirs.items() if k.endswith(".lora_alpha")}
     alphas.update({prefix: float(c["alpha"]) for prefix, c in json.loads(meta.get("nanobooth", "{}")).items()})

@@ -46,11 +46,11 @@ from safetensors.torch import save_file
 
 from attention import attention
 from data import load_image, prepare
-from hub import ModelLoadError, atomic_write, looks_like_path
+from hub import ModelLoadError, atomic_write, looks_like_path, read_safetensors
 from image_encoders import CLIPModel, ViTModel
 from lora import inject_lora
-from sample import (DEFAULT_MODEL, DTYPES, SDModels, check_settings, default_device, encode_prompts, guided,
-                    initial_latents, load_models, read_prompts, to_pil, write_images)
+from sample import (DEFAULT_MODEL, DTYPES, SDModels, check_settings, default_device, encode_prompts, generators,
+                    guided, initial_latents, load_models, read_prompts, to_pil, write_images)
 from schedulers import SAMPLERS
 from unet import Attention
 
@@ -390,8 +390,7 @@ def check_base(meta: dict, sd: SDModels, vision: CLIPModel, path) -> None:
 def load_trained_parts(models: PhotoVerseModels, path) -> None:
     """Copy a checkpoint's tensors into the attached parts; the key sets must be equal."""
     file = adapter_file(path)
-    with safe_open(str(file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = read_safetensors(file)[0]
     own = trained_state(models)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -451,7 +450,7 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
         set_image_condition(models.unet, tokens, gamma, sigma)
     if latents is None:
         latents = initial_latents(b, height, width, seed, factor=models.vae.factor)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = generators(seed)                # one per image for a list of seeds (sample.generators)
     z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
                            steps, eta=eta, generator=generator, progress=progress)
     images = models.vae.decode(z0 / models.vae.config.scaling_factor)
@@ -485,9 +484,9 @@ def sample_main(args) -> list[Path]:
     # 2. load once
     models = load_photoverse(args.adapter, model, dtype=DTYPES[args.dtype], device=device)
     size = models.unet.config.sample_size * models.vae.factor
-    height, width = args.height or size, args.width or size
+    height, width = (size if v is None else v for v in (args.height, args.width))
     check_settings(height, width, args.steps, args.guidance, args.sampler)
-    # 3. one latent per image from one seeded generator, then batches (sample.write_images, as sample.main)
+    # 3. one latent per image, each from its own seed, then batches (sample.write_images, as sample.main)
     def make_images(batch, latents, seed):
         return generate(models, face, batch, args.negative_prompt, num_words=args.num_words, gamma=args.gamma,
                         sigma=args.sigma, seed=seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,

@@ -37,7 +37,8 @@ from photoverse import (CHECKPOINT_NAME, IdentityEncoder, PhotoVerseConfig, Phot
                         image_states, load_trained_parts, read_adapter_meta, save_adapter, set_image_condition,
                         trainable_parameters)
 from sample import default_device, load_models, make_grid, save_png, write_result_info
-from train import HALF, LR_SCHEDULES, METHOD_OPTIONS, TrainConfig, row_generator
+from train import (HALF, LR_SCHEDULES, METHOD_OPTIONS, RUN_FILES, TrainConfig, apply_resumed_settings, check_common,
+                   claim_output_dir, row_generator, settings_record, stop_if_diverged, write_log)
 
 TRAIN_PROMPT = "a photo of S*"      # [paper]: the training caption, and the one L_face's estimate is made under
 CLIP_MODEL = "openai/clip-vit-large-patch14"    # the image encoder [paper]: the CLIP whose text tower SD1 uses
@@ -222,6 +223,7 @@ def photoverse_config(cfg) -> PhotoVerseConfig:
 
 def check_pretrain_config(cfg) -> FaceFolder:
     """Every mistake visible before a model loads, one line each; opens (and checks) the face folder."""
+    check_common(cfg)                                    # the method, the numbers, the device, the output folder
     defaults = TrainConfig()
     for method, names in METHOD_OPTIONS.items():         # as train.check_config: another method's option is an error
         for name in names:
@@ -289,7 +291,7 @@ def pretrain(cfg) -> PhotoVerseModels:
     faces = check_pretrain_config(cfg)
     config = photoverse_config(cfg)
     out = Path(cfg.output_dir)
-    resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
+    resume_from, resume_state = claim_output_dir(cfg)
     device = torch.device(default_device() if cfg.device == "auto" else cfg.device)
     half = HALF.get(cfg.mixed_precision)
     torch.manual_seed(cfg.seed)                 # adapters' and LoRA's initial weights
@@ -312,7 +314,7 @@ def pretrain(cfg) -> PhotoVerseModels:
     trainable = trainable_parameters(models)
 
     # 2. optimizer and learning-rate schedule (AdamW, as train.py)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate or LEARNING_RATE,
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE if cfg.learning_rate is None else cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                   eps=cfg.adam_epsilon)
     shape = LR_SCHEDULES[cfg.lr_scheduler]
@@ -323,15 +325,16 @@ def pretrain(cfg) -> PhotoVerseModels:
     # 3. resume
     step = 0
     if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
         check_base(read_adapter_meta(resume_from), models, vision, resume_from)
         load_trained_parts(models, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+        base_lrs = [g["initial_lr"] for g in optimizer.param_groups]   # this run's, applied after the load
+        optimizer.load_state_dict(resume_state["optimizer"])
+        lr_schedule.load_state_dict(resume_state["lr_scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        apply_resumed_settings(optimizer, lr_schedule, base_lrs, cfg)
+        step = resume_state["step"]
         print(f"resumed from {resume_from} at step {step}")
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.start_output_dir(out, step if resume_from is not None else None, RUN_FILES)
     log_path = out / "logs.jsonl"
     if log_path.is_file():                      # keep the log of the steps the trained state contains
         kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -364,34 +367,41 @@ def pretrain(cfg) -> PhotoVerseModels:
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="photoverse", unit="step")
     t0 = time.time()
     while step < cfg.max_train_steps:
+        finite = True
         for micro in range(cfg.gradient_accumulation_steps):
             with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
                 loss, logs = photoverse_loss(draw_batch(micro), models, cfg)
+            finite = finite and bool(torch.isfinite(loss.detach()))
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        stop_if_diverged(finite, grad_norm, scaler.is_enabled(), cfg, step + 1, logs, log_file)
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs}
+        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs, "grad_norm": grad_norm,
+                "time": round(time.time() - t0, 3)}
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}")
-        log_file.write(json.dumps(logs) + "\n")
-        log_file.flush()
+        write_log(log_file, logs)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-                     "scaler": scaler.state_dict()}
-            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, step), state, cfg.checkpoints_total_limit)
+                     "scaler": scaler.state_dict(), "config": settings_record(cfg)}
+            saved = checkpoint.save_checkpoint(out, step, lambda f: write_result(f, step), state,
+                                               cfg.checkpoints_total_limit)
+            bar.write(f"step {step}: checkpoint {saved}")
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()                  # the first face of the folder, as a user would give one
             prompts = [cfg.validation_prompt] * cfg.num_validation_images
             with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
                 images = generate(models, load_image(faces.paths[0]), prompts, seed=cfg.seed, steps=cfg.sample_steps,
                                   height=cfg.resolution, width=cfg.resolution, progress=False)
-            save_png(make_grid(images), out / "validation" / f"step-{step:06d}.png",
+            grid = out / "validation" / f"step-{step:06d}.png"
+            save_png(make_grid(images), grid,
                      {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step, "face": faces.paths[0].name})
+            bar.write(f"step {step}: validation grid {grid}")
             models.unet.train()
     bar.close()
     log_file.close()

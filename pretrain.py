@@ -109,7 +109,11 @@ def parse_args(argv=None) -> PretrainConfig:
     cfg = PretrainConfig(**vars(p.parse_args(argv)))
     if cfg.stage not in (*STAGES, "all"):
         raise SystemExit(f"--stage must be one of {', '.join(STAGES)} or all, got '{cfg.stage}'")
-    if cfg.stage == "all" and (cfg.max_train_steps or cfg.train_batch_size or cfg.learning_rate):
+    for name, least in (("max_train_steps", 1), ("train_batch_size", 1), ("learning_rate", 0)):
+        value = getattr(cfg, name)
+        if value is not None and not (value >= least if least else 0 < value < float("inf")):
+            raise SystemExit(f"--{name} must be {'at least 1' if least else '> 0'}, got {value}")
+    if cfg.stage == "all" and (cfg.max_train_steps, cfg.train_batch_size, cfg.learning_rate) != (None, None, None):
         raise SystemExit("--max_train_steps/--train_batch_size/--learning_rate set one stage: give --stage too "
                          "(--steps_scale shortens all of them)")
     if cfg.init_from and cfg.stage not in ("vae", "sd", "classifier"):
@@ -361,8 +365,9 @@ BUILD = {"vae": vae_stage, "sd": sd_stage, "clip": clip_stage, "dino": dino_stag
 
 def stage_settings(cfg: PretrainConfig, name: str) -> tuple[int, int, float, float | None]:
     steps, batch, lr, ema = DEFAULTS[name]
-    return (cfg.max_train_steps or max(1, round(steps * cfg.steps_scale)), cfg.train_batch_size or batch,
-            cfg.learning_rate or lr, ema)
+    given = (cfg.max_train_steps, cfg.train_batch_size, cfg.learning_rate)   # None: the stage's own value
+    return tuple(own if value is None else value
+                 for value, own in zip(given, (max(1, round(steps * cfg.steps_scale)), batch, lr))) + (ema,)
 
 
 def settings_of(cfg: PretrainConfig, name: str) -> dict:

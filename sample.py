@@ -9,17 +9,18 @@ for SDXL) so that a seed gives the same image in both (tests/test_sample.py chec
 
     1. encode the prompts and the negative prompts with the CLIP text encoder -> c, c_neg (b, 77, d);
        SDXL: two encoders, their pooled text and the six size/crop numbers (`text_conditioning`, `time_ids`)
-    2. draw z_T ~ N(0, I) of shape (b, 4, H/8, W/8) in float32 on the CPU from torch.Generator(seed)
+    2. draw z_T ~ N(0, I) of shape (b, 4, H/8, W/8) in float32 on the CPU from torch.Generator(seed), or each
+       image from its own generator (a list of seeds, diffusers' `generator=[...]`)
     3. run a sampler (DDIM, DDPM, DPM-Solver++, Euler) on eps_hat = guided(unet, c, c_neg, w)
     4. decode x = D(z_0 / s) with the VAE (s = vae.config.scaling_factor) and map [-1, 1] -> [0, 255]
 
-`generate()` is the function other modules (class-image generation in train.py, eval.py) call.
+`generate()` is the function other modules (class-image generation in train.py, eval.py) call. The CLI gives
+image i the seed --seed + i, so any image is drawn again alone with its recorded seed, and writes each PNG's
+settings as text chunks plus AUTOMATIC1111's `parameters` chunk (`a1111_parameters`).
 """
-import argparse
 import dataclasses
 import json
 import math
-import sys
 import warnings
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json
+import cli
+from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json, read_safetensors
 from schedulers import SAMPLERS, NoiseSchedule
 from text_encoder import CLIPTextModel, CLIPTokenizer
 from unet import UNet
@@ -160,14 +162,13 @@ def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
     folder = Path(name_or_path)
     if (folder / "model_index.json").is_file() or not (folder / RESULT_INFO).is_file():
         return load_models(name_or_path, dtype=dtype, device=device)
-    info = json.loads((folder / RESULT_INFO).read_text())
+    info = read_json(folder / RESULT_INFO)
     models = load_models(info["base_model"], dtype=dtype, device=device)
     if "lora" in info:
         from lora import load_lora
         load_lora(folder / info["lora"], {"unet": models.unet, **models.text_encoders})
     if "embeddings" in info:
-        from safetensors.torch import load_file
-        add_embeddings(models, load_file(folder / info["embeddings"]), info.get("tokens", []))
+        add_embeddings(models, read_safetensors(folder / info["embeddings"])[0], info.get("tokens", []))
     return models
 
 
@@ -229,11 +230,24 @@ def guided(unet, cond, uncond, scale: float):
     return model_fn
 
 
-def initial_latents(n: int, height: int, width: int, seed: int, channels: int = 4, factor: int = 8) -> torch.Tensor:
-    """z_T drawn exactly as diffusers draws it: float32, on the CPU, from one generator seeded once. `factor`:
-    the VAE's downsampling (8 for SD, 4 for the toy world's model)."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((n, channels, height // factor, width // factor), generator=generator, dtype=torch.float32)
+def generators(seed: int | list[int]):
+    """One CPU generator seeded `seed`, or one per image for a list of seeds (as diffusers' `generator=[...]`)."""
+    if isinstance(seed, (list, tuple)):
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def initial_latents(n: int, height: int, width: int, seed: int | list[int], channels: int = 4,
+                    factor: int = 8) -> torch.Tensor:
+    """z_T drawn exactly as diffusers draws it: float32, on the CPU, from one generator seeded once, or with a list
+    of n seeds image i from its own (then image i alone, with its seed, is the same image). `factor`: the VAE's
+    downsampling (8 for SD, 4 for the toy world's model)."""
+    shape = (n, channels, height // factor, width // factor)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"{n} images need {n} seeds, got {len(seed)}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators(seed)])
+    return torch.randn(shape, generator=generators(seed), dtype=torch.float32)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -243,11 +257,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[str] = "", seed: int = 0,
+def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[str] = "", seed: int | list[int] = 0,
              steps: int = 50, guidance: float = 7.5, sampler: str = "ddim", eta: float = 0.0,
              height: int = 512, width: int = 512, latents: torch.Tensor | None = None,
              progress: bool = True, output: str = "pil"):
-    """Generate one image per prompt. Returns PIL images (output="pil") or the decoded tensor in [-1, 1]."""
+    """Generate one image per prompt. Returns PIL images (output="pil") or the decoded tensor in [-1, 1]. `seed`: one
+    seed for the batch (diffusers' `generator=Generator().manual_seed(seed)`), or one per image."""
     check_settings(height, width, steps, guidance, sampler)
     device, dtype = models.device, next(models.unet.parameters()).dtype
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -262,7 +277,7 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
             c["time_ids"] = ids
     if latents is None:
         latents = initial_latents(len(prompts), height, width, seed, factor=models.vae.factor)
-    generator = torch.Generator("cpu").manual_seed(seed)  # only DDPM and DDIM with eta > 0 draw more noise
+    generator = generators(seed)                # only DDPM and DDIM with eta > 0 draw more noise
     z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
                            steps, eta=eta, generator=generator, progress=progress)
     vae_dtype = next(models.vae.parameters()).dtype  # float32 for a force_upcast VAE loaded as float16
@@ -313,32 +328,62 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion model (Hub id or folder).")
+    p = cli.Parser(description="Generate images with a Stable Diffusion model (Hub id or folder).")
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local diffusers-layout folder, "
                    "single-file checkpoint (.safetensors/.ckpt), or a train.py output/checkpoint folder")
     p.add_argument("--prompt", action="append", help="prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
-    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--negative_prompt", default="", help="what the images should not show")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0, help="image i gets seed + i, recorded in its PNG: `--seed S "
+                   "--num_images 1` with its seed draws it again alone")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1: off)")
     p.add_argument("--sampler", default="ddim", help="ddim, ddpm, dpmpp (DPM-Solver++ 2M) or euler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--height", type=int, default=None, help="default: the UNet's sample_size * 8")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (None: the UNet's "
+                   "sample_size * the VAE's factor)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (None: as for --height)")
+    p.add_argument("--batch_size", type=int, default=4, help="images per forward pass (does not change the images)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights' dtype")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--lora", default=None, help="a LoRA file or folder written by train.py")
-    p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--method", default="text2image", choices=["text2image", "photoverse"])
+    p.add_argument("--out", default="samples", help="output folder; a folder that holds images gets a new numbered "
+                   "set beside them")
+    p.add_argument("--method", default="text2image", choices=["text2image", "photoverse"],
+                   help="photoverse: one face image conditions the images (photoverse.py)")
     p.add_argument("--adapter", help="photoverse: the adapter checkpoint (photoverse.safetensors or its folder)")
     p.add_argument("--face", help="photoverse: one face image; the prompt names the person S*")
     p.add_argument("--gamma", type=float, default=1.0, help="photoverse: weight of the text branch")
     p.add_argument("--sigma", type=float, default=1.0, help="photoverse: weight of the image branch")
     p.add_argument("--num_words", type=int, default=1, help="photoverse: pseudo-words that replace S*")
     return p.parse_args(argv)
+
+
+PHOTOVERSE_FLAGS = {"adapter": None, "face": None, "gamma": 1.0, "sigma": 1.0, "num_words": 1}
+
+
+def check_args(args) -> None:
+    """The checks of the command line that need no model: numbers, flags of another method, paths, device."""
+    if args.method != "photoverse":
+        extra = [f"--{k}" for k, v in PHOTOVERSE_FLAGS.items() if getattr(args, k) != v]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} {'is an option' if len(extra) == 1 else 'are options'} of --method "
+                             f"photoverse: add --method photoverse, or drop {'it' if len(extra) == 1 else 'them'}")
+    check_settings(8 if args.height is None else args.height, 8 if args.width is None else args.width, args.steps,
+                   args.guidance, args.sampler)
+    for flag in ("num_images", "batch_size"):
+        cli.check_number(f"--{flag}", getattr(args, flag), ">= 1")
+    cli.check_number("--seed", args.seed, ">= 0")
+    cli.check_number("--eta", args.eta, "[0, 1]")
+    cli.check_number("--gamma", args.gamma, ">= 0")
+    cli.check_number("--sigma", args.sigma, ">= 0")
+    if args.lora and not args.method == "photoverse":
+        from lora import lora_file
+        if not lora_file(args.lora).is_file():
+            raise ValueError(f"--lora: no LoRA file at '{lora_file(args.lora)}'")
+    cli.check_out_dir("--out", args.out)
+    cli.check_device(args.device)
 
 
 def read_prompts(args) -> list[str]:
@@ -355,14 +400,12 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
+    # 1. everything that can be checked without loading a model
+    check_args(args)
     if args.method == "photoverse":             # one face image -> adapters -> images (photoverse.py)
         import photoverse
         return photoverse.sample_main(args)
-    # 1. everything that can be checked without loading a model
     prompts = read_prompts(args)
-    check_settings(args.height or 8, args.width or 8, args.steps, args.guidance, args.sampler)
-    if args.num_images < 1 or args.batch_size < 1:
-        raise ValueError("--num_images and --batch_size must be at least 1")
     model = Path(args.model).expanduser()
     single_file = model.suffix in (".safetensors", ".ckpt") and model.is_file()
     if looks_like_path(str(args.model)) and not (model.is_dir() or single_file):
@@ -371,47 +414,82 @@ def main(argv=None) -> list[Path]:
     # 2. load once
     models = load_trained(args.model, dtype=DTYPES[args.dtype], device=device)
     if args.lora:
-        from lora import load_lora
-        path = Path(args.lora)
-        load_lora(path / "pytorch_lora_weights.safetensors" if path.is_dir() else path,
-                  {"unet": models.unet, **models.text_encoders})
+        from lora import load_lora, lora_file
+        load_lora(lora_file(args.lora), {"unet": models.unet, **models.text_encoders})
     warn_long_prompts(models.tokenizer, prompts)
     size = models.unet.config.sample_size * models.vae.factor
-    height, width = args.height or size, args.width or size
+    height = size if args.height is None else args.height
+    width = size if args.width is None else args.width
     check_settings(height, width, args.steps, args.guidance, args.sampler)
-    # 3. one latent per image, all from one seeded generator, then batches
-    def make_images(batch, latents, seed):
-        return generate(models, batch, args.negative_prompt, seed=seed, steps=args.steps, guidance=args.guidance,
+    # 3. one latent per image, each from its own seed, then batches
+    def make_images(batch, latents, seeds):
+        return generate(models, batch, args.negative_prompt, seed=seeds, steps=args.steps, guidance=args.guidance,
                         sampler=args.sampler, eta=args.eta, height=height, width=width, latents=latents)
     return write_images(args, prompts, height, width, make_images, {"model": str(args.model), "lora": str(args.lora or "")},
                         models.vae.factor)
 
 
+A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "dpmpp": "DPM++ 2M", "euler": "Euler"}   # the names A1111 shows for ours
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float, seed: int,
+                     width: int, height: int, extra: dict | None = None) -> str:
+    """The `parameters` text chunk AUTOMATIC1111's web UI writes, which its PNG Info tab, Civitai and ComfyUI read:
+    the prompt, a `Negative prompt:` line (when there is one), then `Steps: N, Sampler: ..., CFG scale: ...,
+    Seed: ..., Size: WxH` and more `key: value` pairs (a value with a comma, colon or newline JSON-quoted, as
+    A1111 does)."""
+    def quote(v):
+        v = str(v)
+        return json.dumps(v) if any(c in v for c in ",:\n") else v
+    pairs = {"Steps": steps, "Sampler": A1111_SAMPLERS.get(sampler, sampler), "CFG scale": guidance, "Seed": seed,
+             "Size": f"{width}x{height}", **{k: v for k, v in (extra or {}).items() if v not in (None, "")}}
+    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
+    return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items())])
+
+
+def next_set(out: Path) -> tuple[int, int]:
+    """(set number, first image number) for a new run into `out`: a folder that already holds sample.py's
+    images gets the next set, numbered after them, so runs never mix or overwrite each other."""
+    old = sorted(p for p in out.glob("[0-9][0-9][0-9][0-9]*.png") if p.stem.isdigit()) if out.is_dir() else []
+    if not old:
+        return 1, 0
+    with Image.open(old[-1]) as im:
+        last_set = int(getattr(im, "text", {}).get("set", 1))
+    return last_set + 1, int(old[-1].stem) + 1
+
+
 def write_images(args, prompts: list[str], height: int, width: int, make_images, meta: dict,
                  factor: int = 8) -> list[Path]:
-    """The CLI's batch loop: one initial latent per image, all drawn from one seeded generator (so the batch
-    size does not change the images), `make_images(prompts, latents, seed)` per batch of `args.batch_size`, one
-    PNG per image with its settings in the PNG text, and a grid. Also used by photoverse.py's CLI."""
+    """The CLI's batch loop: image i gets seed args.seed + i and its own initial latent (so neither the batch
+    size nor the other images change it, and `--seed S --num_images 1` redraws it alone), `make_images(prompts,
+    latents, seeds)` per batch of `args.batch_size`, one PNG per image with its settings in the PNG text (and
+    A1111's `parameters`), and a grid. A folder that already holds images gets a new numbered set (`next_set`).
+    Also used by photoverse.py's CLI."""
     jobs = [p for p in prompts for _ in range(args.num_images)]
-    latents = initial_latents(len(jobs), height, width, args.seed, factor=factor)
+    seeds = [args.seed + i for i in range(len(jobs))]
+    latents = initial_latents(len(jobs), height, width, seeds, factor=factor)
     out = Path(args.out)
+    set_id, first = next_set(out)
     paths, images = [], []
     for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
-        for i, (prompt, im) in enumerate(zip(batch, make_images(batch, latents[start:start + len(batch)],
-                                                                  args.seed + start)), start=start):
-            settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=i,
+        batch, batch_seeds = jobs[start:start + args.batch_size], seeds[start:start + args.batch_size]
+        for i, (prompt, seed, im) in enumerate(zip(batch, batch_seeds, make_images(
+                batch, latents[start:start + len(batch)], batch_seeds)), start=start):
+            settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, index=i, set=set_id,
                             steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta, **meta)
-            paths.append(out / f"{i:04d}.png")
+            extra = {"Eta": args.eta or None, "Model": meta.get("model"), "Lora": meta.get("lora")}
+            settings["parameters"] = a1111_parameters(prompt, args.negative_prompt, args.steps, args.sampler,
+                                                      args.guidance, seed, width, height, extra)
+            paths.append(out / f"{first + i:04d}.png")
             save_png(im, paths[-1], settings)
             images.append(im)
-    save_png(make_grid(images, cols=args.num_images if len(prompts) > 1 else None), out / "grid.png",
-             {"prompts": json.dumps(prompts), "seed": args.seed, **meta})
-    print(f"wrote {len(paths)} images and grid.png to {out}")
+    grid = out / ("grid.png" if set_id == 1 else f"grid-{set_id}.png")
+    save_png(make_grid(images, cols=args.num_images if len(prompts) > 1 else None), grid,
+             {"prompts": json.dumps(prompts), "seed": args.seed, "set": set_id, **meta})
+    where = f" (set {set_id}, after the {first} images already there)" if set_id > 1 else ""
+    print(f"wrote {len(paths)} images and {grid.name} to {out}{where}")
     return paths
 
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ModelLoadError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -69,7 +69,10 @@ def _x0_and_eps(model_out, x, alpha, sigma, prediction_type):
 
 def randn(shape, generator=None, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Gaussian noise drawn on the generator's device, then moved (as diffusers' `randn_tensor`), so a
-    CPU generator gives the same numbers whatever device the sampler runs on."""
+    CPU generator gives the same numbers whatever device the sampler runs on. A list of generators draws row i
+    from generator i (diffusers does the same), so an image's noise does not depend on its batch."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
     where = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, dtype=dtype, device=where).to(device)
 

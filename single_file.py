@@ -36,10 +36,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hub import ModelLoadError, atomic_write, check_keys
+from hub import ModelLoadError, atomic_write, check_keys, read_pickle, read_safetensors
 from lora import merged_state_dict
 from sample import SDModels
 from schedulers import NoiseSchedule
@@ -274,14 +273,8 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     if not path.is_file():
         raise ModelLoadError(f"single-file checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything but tensors and plain containers
-        raise ModelLoadError(f"'{path}' is not a plain state-dict pickle, so it is refused (torch.load with "
-                             f"weights_only=True: {str(e).splitlines()[0]}); convert it to .safetensors with a "
-                             f"tool you trust") from None
+        return read_safetensors(path)
+    obj = read_pickle(path)                     # refuses anything but tensors and plain containers
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelLoadError(f"'{path}' is not a state dict (a dict of tensors, or {{'state_dict': ...}}): "

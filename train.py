@@ -20,12 +20,12 @@ What differs between methods is the data they read, their frozen encoders and se
 the trainable set (here) and the loss (losses.py). Two methods add a little to the loop: ComFusion's fusion-stream
 rows in each batch (`draw_fusion_rows`), and the object-driven method's stage 1 before it (`prototypical_stage`).
 """
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -35,19 +35,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import list_images, load_image, prepare, prepare_with_crop
-from hub import ModelLoadError, atomic_write, looks_like_path
+import cli
+from data import list_images, load_image, png_text, prepare, prepare_with_crop
+from hub import ModelLoadError, atomic_write, looks_like_path, read_json, read_safetensors
 from lora import inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
 from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
-from sample import (DEFAULT_MODEL, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate, load_models,
-                    make_grid, save_models, save_png, text_conditioning, time_ids, write_result_info)
+from sample import (DEFAULT_MODEL, RESULT_INFO, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate,
+                    load_models, make_grid, save_models, save_png, text_conditioning, time_ids, warn_long_prompts,
+                    write_result_info)
 from single_file import is_single_file, save_single_file
 
 PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
@@ -59,89 +61,101 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class TrainConfig:
-    method: str = "dreambooth"
-    pretrained_model_name_or_path: str = DEFAULT_MODEL
-    revision: str | None = None
-    variant: str | None = None
-    instance_data_dir: str | None = None
-    instance_prompt: str = "a photo of sks dog"
-    identifier: str = "sks"                  # the rare token the instance prompt binds the subject to
-    class_data_dir: str | None = None
-    class_prompt: str | None = None
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    class_sample_steps: int = 50             # [ours] DDIM steps for class images (guidance 7.5)
-    placeholder_token: str = "<sks>"         # Textual Inversion
-    initializer_token: str = "dog"
-    resolution: int = 512
-    center_crop: bool = False
-    random_flip: bool = False
-    train_text_encoder: bool = False
-    learning_rate: float | None = None       # None: the method's default (DEFAULT_LR)
-    text_encoder_lr: float | None = None     # None: learning_rate
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_train_steps: int = 800
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    weight_dtype: str = "auto"               # auto: fp32 trainable, the mixed-precision dtype for frozen parts
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_prompt: str | None = None
-    validation_steps: int = 100
-    num_validation_images: int = 4
+    """Every flag of train.py. `python train.py --help` is built from this class: each field's comment is its help
+    text, and a comment line of its own starts a group of flags (cli.field_help)."""
+    method: str = "dreambooth"               # what to train (pretrain_*: one stage of the toy model, pretrain.py)
+    pretrained_model_name_or_path: str = DEFAULT_MODEL   # the base model: Hub id, diffusers folder, or one
+                                             # .safetensors / .ckpt file
+    revision: str | None = None              # Hub revision of the base model (None: main)
+    variant: str | None = None               # weight file variant, such as fp16 (None: the full-precision files)
+    instance_data_dir: str | None = None     # folder of the subject's photos (3-5); PhotoVerse: of aligned faces
+    instance_prompt: str = "a photo of sks dog"   # the prompt of every instance photo
+    output_dir: str = "runs/dreambooth"      # the run's folder: checkpoints, logs.jsonl, validation images, result
+    overwrite_output_dir: bool = False       # start a new run in an --output_dir that holds another run's files
+                                             # (its checkpoints, logs and validation images are deleted)
+    resume_from_checkpoint: str | None = None   # a checkpoint folder, or 'latest' (the newest in --output_dir)
+    resolution: int = 512                    # training image size in pixels (a multiple of 8)
+    center_crop: bool = False                # crop the centre of each photo (else a random crop per step)
+    random_flip: bool = False                # mirror each photo with probability 0.5
+    learning_rate: float | None = None       # peak learning rate (None: the method's default, DEFAULT_LR)
+    lr_scheduler: str = "constant"           # constant, constant_with_warmup, linear or cosine
+    lr_warmup_steps: int = 0                 # linear warm-up steps of the learning rate
+    max_train_steps: int = 800               # optimizer steps
+    train_batch_size: int = 1                # instance images per step (plus as many class images)
+    gradient_accumulation_steps: int = 1     # micro-batches per optimizer step
+    gradient_checkpointing: bool = False     # recompute activations in backward: less memory, slower
+    mixed_precision: str = "no"              # no, fp16 or bf16 autocast
+    weight_dtype: str = "auto"               # dtype of the frozen parts: auto (the mixed-precision dtype), float32,
+                                             # float16 or bfloat16; trainable weights stay float32
+    adam_beta1: float = 0.9                  # AdamW beta1, in [0, 1)
+    adam_beta2: float = 0.999                # AdamW beta2, in [0, 1)
+    adam_weight_decay: float = 1e-2          # AdamW decoupled weight decay, >= 0
+    adam_epsilon: float = 1e-8               # AdamW epsilon, > 0
+    max_grad_norm: float = 1.0               # clip the gradient's global norm to this (> 0)
+    snr_gamma: float | None = None           # Min-SNR loss weighting gamma, such as 5 (None: off) [ours]
+    noise_offset: float = 0.0                # noise offset added to the training noise, >= 0 (0: off) [ours]
+    checkpointing_steps: int = 500           # write a checkpoint every N steps (and at the end)
+    checkpoints_total_limit: int | None = None   # keep only the newest N checkpoints (None: keep all)
+    validation_prompt: str | None = None     # draw validation images of this prompt (None: no validation)
+    validation_steps: int = 100              # every N steps (and at the end)
+    num_validation_images: int = 4           # validation images per grid
     sample_steps: int = 50                   # DDIM steps for validation images
-    seed: int = 0
-    output_dir: str = "runs/dreambooth"
+    seed: int = 0                            # the seed of every random draw (>= 0)
     export: str = "none"                     # the final output also as: kohya (the LoRA for A1111 / ComfyUI) or
                                              # single_file (model.safetensors, one original-layout fp16 file)
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    rank: int = 4
-    lora_alpha: float | None = None          # None: = rank (diffusers' default)
-    cache_latents: bool = False
-    device: str = "auto"
-    demo: bool = False
-    # ComFusion (methods.md section 2); its four loss weights are instance_loss_weight, prior_loss_weight (the
-    # class-scene prior), visual_loss_weight and textual_loss_weight [ours: 1, 1, 0.1, 0.1]
-    scenes: str | None = None                # text file, one scene phrase per line; None: DEFAULT_SCENES
+    cache_latents: bool = False              # encode each photo once (needs --center_crop)
+    device: str = "auto"                     # auto (cuda, mps, cpu), or a torch device such as cuda:1
+    demo: bool = False                       # the README's offline demo: DreamBooth on the shipped toy model
+    # DreamBooth (--method dreambooth, dreambooth_lora; methods.md section 1)
+    identifier: str = "sks"                  # the rare token the instance prompt binds the subject to
+    with_prior_preservation: bool = False    # add DreamBooth's class-prior loss on images of --class_prompt
+    class_prompt: str | None = None          # the prompt of the class images, such as 'a photo of dog'
+    class_data_dir: str | None = None        # folder of class images: generated there once, then reused
+    num_class_images: int = 100              # class images to use (made by the frozen model if missing)
+    class_sample_steps: int = 50             # DDIM steps for class images (guidance 7.5) [ours]
+    prior_loss_weight: float = 1.0           # weight of the prior loss (ComFusion: of the class-scene prior)
+    train_text_encoder: bool = False         # also train the text encoder (LoRA: LoRA layers on it)
+    text_encoder_lr: float | None = None     # the text encoder's learning rate (None: --learning_rate)
+    # LoRA (--method dreambooth_lora, objectdriven, photoverse)
+    rank: int = 4                            # LoRA rank r
+    lora_alpha: float | None = None          # LoRA alpha; scale = alpha / rank (None: = rank, diffusers' default)
+    # Textual Inversion (--method textual_inversion; objectdriven's one-image form)
+    placeholder_token: str = "<sks>"         # the new word that is learned
+    initializer_token: str = "dog"           # the word its embedding starts from (object-driven: the class noun)
+    # ComFusion (--method comfusion, methods.md section 2); its four loss weights are instance_loss_weight,
+    # prior_loss_weight (the class-scene prior), visual_loss_weight and textual_loss_weight [ours: 1, 1, 0.1, 0.1]
+    scenes: str | None = None                # text file, one scene phrase per line (None: DEFAULT_SCENES)
     num_scene_images: int = 20               # class-scene prior images per scene
     tau_min: int = 200                       # the fusion stream's tau ~ U{tau_min..tau_max}, drawn per step [ours]
-    tau_max: int = 600
+    tau_max: int = 600                       # the largest tau (below the schedule's 1000 timesteps)
     fusion_steps: int = 10                   # no-gradient DDIM steps from T down to tau
     fusion_every: int = 1                    # run the fusion stream every N steps
     fusion_guidance: float = 7.5             # classifier-free guidance in those steps [ours]
-    instance_loss_weight: float = 1.0
-    visual_loss_weight: float = 0.1
-    textual_loss_weight: float = 0.1
-    dino_model: str = "facebook/dino-vits16"
-    clip_model: str | None = None            # None: DEFAULT_CLIP of the method
-    # object-driven one-shot (methods.md section 3)
+    instance_loss_weight: float = 1.0        # weight of the instance loss
+    visual_loss_weight: float = 0.1          # weight of the visual (DINO) fusion loss
+    textual_loss_weight: float = 0.1         # weight of the textual (CLIP) fusion loss
+    dino_model: str = "facebook/dino-vits16"   # DINO for ComFusion's loss (PhotoVerse: the face loss's fallback)
+    clip_model: str | None = None            # CLIP of the loss (None: the method's DEFAULT_CLIP; PhotoVerse: ViT-L/14)
+    # object-driven one-shot (--method objectdriven, methods.md section 3)
     instance_mask: str | None = None         # the object's mask (white = object), the size of the one instance image
     objects: str | None = None               # JSON list of {"image", "mask", "class", "token"}, paths relative to it
-    background_weight: float = 0.0           # weight of the pixels outside the mask in L_os
+    background_weight: float = 0.0           # weight of the pixels outside the mask in L_os, in [0, 1]
     pe_steps: int = 200                      # stage 1: Adam steps on each new token's row [ours]
     pe_lr: float = 1e-3                      # stage 1 learning rate [ours]
     token_lr: float = 1e-4                   # stage 2: the new rows' learning rate (LoRA: --learning_rate) [ours]
-    # PhotoVerse (photoverse.py and photoverse_train.py, methods.md section 4): --instance_data_dir is a folder of
-    # aligned faces; --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback encoder
+    # PhotoVerse (--method photoverse; photoverse.py, photoverse_train.py, methods.md section 4): --instance_data_dir
+    # is a folder of aligned faces; --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback
     vision_layers: str = "last,4,8,12,16"    # CLIP hidden states the adapters read [ours, ELITE's layers and order]
     adapter_dim: int = 1024                  # adapter width [paper]
-    face_encoder: str | None = None          # an ArcFace IResNet checkpoint; None: DINO fallback [ours]
-    face_loss_weight: float = 0.01           # the loss weights [paper]
-    word_reg_weight: float = 0.01
-    value_reg_weight: float = 0.001
-    face_loss_max_timestep: int = 600        # L_face only for t < 600 [ours]
-
+    face_encoder: str | None = None          # an ArcFace IResNet checkpoint (None: DINO fallback) [ours]
+    face_loss_weight: float = 0.01           # weight of L_face [paper]
+    word_reg_weight: float = 0.01            # weight of the pseudo-word regulariser [paper]
+    value_reg_weight: float = 0.001          # weight of the cross-attention value regulariser [paper]
+    face_loss_max_timestep: int = 600        # L_face only for t below this [ours]
+    # toy pretraining (--method pretrain_vae, pretrain_sd, pretrain_clip, pretrain_dino, pretrain_classifier): one
+    # stage of the toy world's model (pretrain.py). It reads only --output_dir, --seed, --checkpointing_steps, and
+    # --max_train_steps, --train_batch_size, --learning_rate when given (else the stage's own values); any other flag
+    # is an error. `python pretrain.py --help` has the rest.
 
 TOY = Path(__file__).parent / "assets" / "toy"   # the toy world's pretrained model and subjects (pretrain.py)
 DEMO = dict(  # the README's offline main job: DreamBooth on a toy subject with the shipped toy model, on a CPU
@@ -150,7 +164,7 @@ DEMO = dict(  # the README's offline main job: DreamBooth on a toy subject with 
     class_data_dir="runs/demo/class_images", num_class_images=50, class_sample_steps=25, resolution=64,
     learning_rate=5e-5, max_train_steps=300, train_batch_size=2, checkpointing_steps=100, checkpoints_total_limit=1,
     validation_prompt="a sks star in the snow", validation_steps=100, sample_steps=25, output_dir="runs/demo",
-    device="cpu")
+    overwrite_output_dir=True, device="cpu")                  # a second demo replaces the first
 DEMO_SCENES = ("in the snow", "at night", "in front of a brick wall")  # the scenes none of the 5 photos shows
 DEMO_SUBJECT = "checkered_star"   # world.NOVEL_SUBJECTS: a pattern pretraining never shows
 DEMO_GUIDANCE = 4.0          # the toy model's images are best near 4 (benchmarks/bench_toy_world.py)
@@ -159,16 +173,10 @@ DEMO_GUIDANCE = 4.0          # the toy model's images are best near 4 (benchmark
 # ----------------------------------------------------------------------------- configuration and checks
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for name, value in asdict(TrainConfig()).items():
-        kind = type(value) if value is not None else (float if name in ("learning_rate", "text_encoder_lr",
-                                                                          "snr_gamma", "lora_alpha") else str)
-        if name == "checkpoints_total_limit":
-            kind = int
-        if kind is bool:                       # --flag / --no-flag (the demo's defaults can be turned off)
-            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value)
-        else:
-            p.add_argument(f"--{name}", type=kind, default=value)
+    """The flags of TrainConfig, grouped and explained by its comments (cli.config_parser)."""
+    p = cli.config_parser(TrainConfig, description=__doc__.split("\n\n")[0],
+                          epilog="Every flag's text is the comment beside its field in TrainConfig (train.py).",
+                          extra_help={"method": f": {', '.join(METHODS)}"})
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         p.set_defaults(**DEMO)
@@ -185,11 +193,128 @@ METHOD_OPTIONS = {  # options only some methods read: giving one to another meth
 }
 
 
+RANGES = {  # every number of TrainConfig and the values it may take (None, where it is the default, means "off" or
+    # "the method's default"); cli.check_number also refuses NaN and infinity
+    ">= 1": ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+             "checkpoints_total_limit", "validation_steps", "num_validation_images", "sample_steps", "resolution",
+             "rank", "num_class_images", "class_sample_steps", "num_scene_images", "fusion_steps", "fusion_every",
+             "pe_steps", "adapter_dim"),
+    "> 0": ("learning_rate", "text_encoder_lr", "adam_epsilon", "max_grad_norm", "snr_gamma", "lora_alpha", "pe_lr",
+            "token_lr"),
+    ">= 0": ("prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "noise_offset", "seed", "tau_min", "tau_max",
+             "fusion_guidance", "instance_loss_weight", "visual_loss_weight", "textual_loss_weight",
+             "face_loss_weight", "word_reg_weight", "value_reg_weight", "face_loss_max_timestep"),
+    "[0, 1)": ("adam_beta1", "adam_beta2"),
+    "[0, 1]": ("background_weight",),
+}
+# what --method pretrain_* reads (pretrain.from_train_config); any other flag changed from its default is an error
+PRETRAIN_FLAGS = ("method", "output_dir", "seed", "checkpointing_steps", "max_train_steps", "train_batch_size",
+                  "learning_rate")
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Each number in its range: a negative learning rate trains by gradient ascent, a negative clipping norm flips
+    the gradient, a negative limit deletes every checkpoint. 0 is never read as "the default"."""
+    for rule, names in RANGES.items():
+        for name in names:
+            try:
+                cli.check_number(f"--{name}", getattr(cfg, name), rule)
+            except ValueError as e:
+                if name == "learning_rate" and cfg.method in DEFAULT_LR:
+                    raise ValueError(f"{e} (leave it out for the method's default, {DEFAULT_LR[cfg.method]:g})") from None
+                raise
+
+
+def check_common(cfg: TrainConfig) -> None:
+    """The checks every method shares, made first: the method, the numbers, the device, the output folder."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    check_numbers(cfg)
+    if cfg.method in PRETRAIN:
+        defaults = TrainConfig()
+        extra = [f"--{f.name}" for f in dataclasses.fields(cfg)
+                 if f.name not in PRETRAIN_FLAGS and getattr(cfg, f.name) != getattr(defaults, f.name)]
+        if extra:
+            raise ValueError(f"--method {cfg.method} reads only {', '.join('--' + n for n in PRETRAIN_FLAGS[1:])}; "
+                             f"{', '.join(extra)} would be ignored: drop it (pretrain.py has the stage's other flags)")
+    else:
+        cli.check_device(cfg.device)
+    cli.check_out_dir("--output_dir", cfg.output_dir)
+    base = Path(cfg.pretrained_model_name_or_path).expanduser()
+    if base.exists() and base.resolve() == Path(cfg.output_dir).expanduser().resolve():
+        raise ValueError(f"--output_dir '{cfg.output_dir}' is the base model's folder: the run would overwrite it; "
+                         f"choose another --output_dir")
+    if cfg.class_data_dir and Path(cfg.class_data_dir).exists() and not Path(cfg.class_data_dir).is_dir():
+        raise ValueError(f"--class_data_dir '{cfg.class_data_dir}' is a file, not a folder")
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ValueError("--resume_from_checkpoint continues the run in --output_dir, --overwrite_output_dir replaces "
+                         "it: give one of them")
+
+
+# What a checkpoint fixes: a resumed run must use the same values (the weights' shapes, the vocabulary, the
+# object-driven stage 1, the gradient scaler). Every other setting is read again from the command line and applied:
+# the loop reads them from cfg at each step, and `apply_resumed_settings` puts the new learning rates and AdamW
+# settings into the optimizer state a checkpoint brings back.
+FIXED_ON_RESUME = ("method", "pretrained_model_name_or_path", "revision", "variant", "train_text_encoder", "rank",
+                   "lora_alpha", "placeholder_token", "initializer_token", "objects", "instance_mask", "pe_steps",
+                   "pe_lr", "mixed_precision", "vision_layers", "adapter_dim")
+# A run's files besides its checkpoints: a fresh run into the folder removes them. The result files are those
+# write_result, export_result and photoverse_train write at the top of --output_dir.
+RUN_FILES = ("train_config.json", "logs.jsonl", "validation", "model_index.json", "unet", "vae", "text_encoder",
+             "tokenizer", "scheduler", RESULT_INFO, "pytorch_lora_weights.safetensors", "learned_embeds.safetensors",
+             "lora_kohya.safetensors", "model.safetensors", "photoverse.safetensors")
+
+
+PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir", "scenes", "objects",
+               "instance_mask", "face_encoder", "clip_model", "dino_model")
+
+
+def settings_record(cfg: TrainConfig) -> dict:
+    """The run's settings as a checkpoint records them: existing paths made absolute, so a resume from another
+    working folder compares equal (a Hub id stays an id)."""
+    record = asdict(cfg)
+    for name in PATH_FIELDS:
+        path = record[name] and Path(record[name]).expanduser()
+        if path and path.exists():
+            record[name] = str(path.resolve())
+    return record
+
+
+def claim_output_dir(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
+    """checkpoint.claim_output_dir (a run owns its folder; a checkpoint is whole), then the checkpoint's recorded
+    settings against this run's: FIXED_ON_RESUME must match. Before any model loads. Returns (checkpoint, state)."""
+    resume_from, state = checkpoint.claim_output_dir(cfg.output_dir, cfg.resume_from_checkpoint,
+                                                     cfg.overwrite_output_dir, RUN_FILES)
+    if resume_from is None:
+        return None, None
+    info = read_json(resume_from / RESULT_INFO) if (resume_from / RESULT_INFO).is_file() else {}
+    then = dict(state.get("config") or {})     # older checkpoints: only what nanobooth.json records
+    for name, key in (("method", "method"), ("pretrained_model_name_or_path", "base_model")):
+        if name not in then and key in info:
+            then[name] = info[key]
+    now = settings_record(cfg)
+    stage_1 = ("clip_model",) if cfg.method == "objectdriven" else ()   # its CLIP serves stage 1 only, done by then
+    for name in FIXED_ON_RESUME + stage_1:
+        if name in then and then[name] != now[name]:
+            raise ValueError(f"cannot resume from '{resume_from}': it was made with --{name} {then[name]}, this run has "
+                             f"--{name} {now[name]}. Use the same value, or start a new run (another --output_dir, "
+                             f"or --overwrite_output_dir)")
+    return resume_from, state
+
+
+def apply_resumed_settings(optimizer, lr_schedule, base_lrs: list[float], cfg: TrainConfig) -> None:
+    """After loading a checkpoint's optimizer and schedule: this run's learning rates and AdamW settings, not the
+    checkpoint's (load_state_dict restores those), at the schedule's current step."""
+    lr_schedule.base_lrs = list(base_lrs)
+    for group, base, shape in zip(optimizer.param_groups, base_lrs, lr_schedule.lr_lambdas):
+        group.update(initial_lr=base, lr=base * shape(lr_schedule.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
+
+
 def check_config(cfg: TrainConfig) -> Inputs:
     """Every mistake we can see before loading a model: one line saying what to change. Returns the run's
     Inputs (each image opened, so a corrupt file fails now, not at step 300)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    check_common(cfg)
     defaults = TrainConfig()
     for name in sorted({n for names in METHOD_OPTIONS.values() for n in names}):
         owners = [m for m, names in METHOD_OPTIONS.items() if name in names]
@@ -218,11 +343,6 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError("--cache_latents needs --center_crop (a random crop cannot be cached)")
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "rank", "num_class_images", "num_scene_images", "fusion_steps", "fusion_every",
-                 "pe_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     check_method_options(cfg)
     if cfg.export not in ("none", "kohya", "single_file"):
         raise ValueError(f"--export must be none, kohya or single_file, got '{cfg.export}'")
@@ -241,7 +361,11 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ModelLoadError(f"--pretrained_model_name_or_path file '{base}' does not exist")
     if looks_like_path(base) and not is_single_file(base) and not Path(base).is_dir():
         raise ModelLoadError(f"--pretrained_model_name_or_path folder '{base}' does not exist")
-    return read_inputs(cfg)
+    inputs = read_inputs(cfg)
+    for prompt, folder, count in inputs.priors:             # class images: the right prompt, a folder to write to
+        if len(check_class_images(folder, prompt)) < count:
+            cli.check_out_dir("--class_data_dir", folder)
+    return inputs
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -260,9 +384,10 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
     (--num_class_images): generated once by the frozen model, reused, topped up. DreamBooth's class images,
     ComFusion's class-scene images, the object-driven class images. Image i uses seed cfg.seed + i (so a top-up
     gives the images one run would have) and is made by rank i % world (so N processes share the work)."""
-    prompt, count = prompt or cfg.class_prompt, count or cfg.num_class_images
-    folder = Path(folder or cfg.class_data_dir)
-    have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
+    prompt = cfg.class_prompt if prompt is None else prompt
+    count = cfg.num_class_images if count is None else count
+    folder = Path(cfg.class_data_dir if folder is None else folder)
+    have = check_class_images(folder, prompt)
     if world > 1:
         dist.barrier()                          # every rank has counted before any rank writes
     todo = [i for i in range(len(have), count) if i % world == rank]
@@ -280,26 +405,55 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
     return paths
 
 
+def check_class_images(folder: Path, prompt: str) -> list[Path]:
+    """The class images already in `folder`: a folder of images made for another prompt (their PNG text records
+    it) is refused rather than reused. Images without a recorded prompt (your own photos) are used as they are."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"class image folder '{folder}' is a file, not a folder")
+    have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
+    for path in have:
+        made_for = png_text(path).get("prompt")
+        if made_for is not None and made_for != prompt:
+            raise ValueError(f"class image '{path}' was made for the prompt '{made_for}', not '{prompt}': give another "
+                             f"--class_data_dir (or empty this one) so the prior matches the prompt")
+    return have
+
+
+def check_prompts(models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
+    """Prompts over CLIP's 77 tokens are cut: warn as sample.py does; an identifier in the part cut off would never
+    be seen, which is an error."""
+    prompts = [p for _, p, _ in inputs.instance] + [p for p, _, _ in inputs.priors]
+    warn_long_prompts(models.tokenizer, prompts + ([cfg.validation_prompt] if cfg.validation_prompt else []))
+    if cfg.method in ("textual_inversion", "objectdriven"):
+        return
+    for p in dict.fromkeys(prompts[:len(inputs.instance)]):
+        kept = models.tokenizer.decode(models.tokenizer.encode(p)[1:models.tokenizer.max_length - 1])
+        if cfg.identifier in p.split() and cfg.identifier.lower() not in kept.split():
+            raise ValueError(f"--instance_prompt '{p[:60]}...' puts the identifier '{cfg.identifier}' past CLIP's "
+                             f"{models.tokenizer.max_length} tokens, where it is cut off: move it to the front")
+
+
 def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] | None = None) -> list[dict]:
     """Freeze everything, then unfreeze what the method trains; add the new `tokens` (token -> words) to the
     vocabulary. Returns optimizer parameter groups."""
     for m in (models.unet, models.vae, *models.text_encoders.values()):
         m.requires_grad_(False)
-    lr = cfg.learning_rate or DEFAULT_LR[cfg.method]
+    lr = DEFAULT_LR[cfg.method] if cfg.learning_rate is None else cfg.learning_rate
+    text_lr = lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
     groups = []
     if cfg.method in ("dreambooth", "comfusion"):                      # the whole UNet [paper; ComFusion: ours]
         models.unet.requires_grad_(True)
         groups.append({"params": list(models.unet.parameters()), "lr": lr})
         for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
             encoder.requires_grad_(True)
-            groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or lr})
+            groups.append({"params": list(encoder.parameters()), "lr": text_lr})
     if cfg.method in ("dreambooth_lora", "objectdriven"):              # LoRA on the attention projections
-        alpha = cfg.lora_alpha or cfg.rank
+        alpha = cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha
         inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha)
         groups.append({"params": lora_params(models.unet), "lr": lr})
         for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
             inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha)
-            groups.append({"params": lora_params(encoder), "lr": cfg.text_encoder_lr or lr})
+            groups.append({"params": lora_params(encoder), "lr": text_lr})
     if tokens:                                                         # new rows of the embedding table
         for token, words in tokens.items():
             init = models.tokenizer.encode(words)[1:-1]
@@ -348,7 +502,7 @@ def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, in
         files["embeddings"] = "learned_embeds.safetensors"
         files["tokens"] = list(inputs.tokens)
     if cfg.method in ("comfusion", "objectdriven"):                    # what the loss was trained against
-        files["loss_encoders"] = {"clip": cfg.clip_model or DEFAULT_CLIP[cfg.method],
+        files["loss_encoders"] = {"clip": DEFAULT_CLIP[cfg.method] if cfg.clip_model is None else cfg.clip_model,
                                   **({"dino": cfg.dino_model} if cfg.method == "comfusion" else {})}
     base = cfg.pretrained_model_name_or_path
     base = str(Path(base).resolve()) if Path(base).exists() else base   # a folder or file; a Hub id stays an id
@@ -369,25 +523,60 @@ def export_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
 
 def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
     """Put a checkpoint's trained weights back into the (already set up) models, for --resume_from_checkpoint."""
-    if cfg.method in ("dreambooth", "comfusion"):
-        models.unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-        for name, encoder in models.text_encoders.items() if cfg.train_text_encoder else ():
-            encoder.load_state_dict(load_file(folder / name / "model.safetensors"))
-    if cfg.method in ("dreambooth_lora", "objectdriven"):
-        load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
-    if inputs.tokens:
-        rows = load_file(folder / "learned_embeds.safetensors")
-        ids = token_ids(models, inputs.tokens)
-        with torch.no_grad():
-            if models.text_encoder_2 is None:
-                for token, i in zip(inputs.tokens, ids):
-                    models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
-            else:
-                for key, name in SDXL_EMBEDDINGS.items():
-                    models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
+    try:
+        if cfg.method in ("dreambooth", "comfusion"):
+            models.unet.load_state_dict(read_safetensors(folder / "unet" / "diffusion_pytorch_model.safetensors")[0])
+            for name, encoder in models.text_encoders.items() if cfg.train_text_encoder else ():
+                encoder.load_state_dict(read_safetensors(folder / name / "model.safetensors")[0])
+        if cfg.method in ("dreambooth_lora", "objectdriven"):
+            load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
+        if inputs.tokens:
+            rows = read_safetensors(folder / "learned_embeds.safetensors")[0]
+            ids = token_ids(models, inputs.tokens)
+            with torch.no_grad():
+                if models.text_encoder_2 is None:
+                    for token, i in zip(inputs.tokens, ids):
+                        models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
+                else:
+                    for key, name in SDXL_EMBEDDINGS.items():
+                        models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
+    except (RuntimeError, KeyError) as e:       # load_state_dict lists every mismatched tensor: keep the first
+        first = next(iter(str(e).replace("\n\t", " ").splitlines()[1:2] or [str(e)]), "")[:300]
+        raise ModelLoadError(f"checkpoint '{folder}' does not fit this base model ({first.strip()}): resume with the "
+                             f"base model it was trained from") from None
 
 
 # ----------------------------------------------------------------------------- main
+
+def write_log(file, logs: dict) -> None:
+    """One JSON line of logs.jsonl; a NaN or infinite value is written as null (JSON has no NaN)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in logs.items()}
+    file.write(json.dumps(clean, allow_nan=False) + "\n")
+    file.flush()
+
+
+def stop_if_diverged(finite: bool, grad_norm: float, scaler_on: bool, cfg: TrainConfig, step: int, logs: dict,
+                     log_file, world: int = 1, device=None) -> None:
+    """A NaN or infinite loss (or gradient, outside fp16's scaler, which skips those steps itself) ends the run
+    before the optimizer step, so the weights stay those of the last good step; no model is written, the last
+    checkpoint stays the result. All processes stop together."""
+    finite = finite and (scaler_on or math.isfinite(grad_norm))
+    if world > 1:
+        flag = torch.tensor(float(finite), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag)
+    if finite:
+        return
+    if log_file is not None:
+        write_log(log_file, {"step": step, **logs, "grad_norm": grad_norm})
+        log_file.close()
+    last = checkpoint.latest_checkpoint(cfg.output_dir)
+    kept = (f"the last good checkpoint is '{last}' (continue with --resume_from_checkpoint latest and a lower "
+            f"--learning_rate)") if last else "no checkpoint had been written yet"
+    hint = ", or use --mixed_precision bf16 (fp16 overflows)" if cfg.mixed_precision == "fp16" else ""
+    raise ValueError(f"the loss is {logs.get('loss', float('nan'))} at step {step} (gradient norm {grad_norm:g}): "
+                     f"training diverged, so it stopped without writing a model. Lower --learning_rate{hint}; {kept}")
+
 
 def setup_distributed(cfg: TrainConfig):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then join the process group (NCCL on GPUs, gloo on CPUs).
@@ -413,6 +602,7 @@ def row_generator(cfg: TrainConfig, step: int, micro: int, kind: int, row: int) 
 
 def train(cfg: TrainConfig) -> SDModels:
     """Run the whole training described by `cfg`; returns the trained models (the files are in output_dir)."""
+    check_common(cfg)
     if cfg.method == "photoverse":              # adapters pretrained over a face dataset: its own loop
         import photoverse_train
         return photoverse_train.pretrain(cfg)
@@ -421,7 +611,7 @@ def train(cfg: TrainConfig) -> SDModels:
         return pretrain.from_train_config(cfg)
     inputs = check_config(cfg)
     out = Path(cfg.output_dir)
-    resume_from = checkpoint.resolve_resume(out, cfg.resume_from_checkpoint)
+    resume_from, resume_state = claim_output_dir(cfg)
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0                         # only rank 0 writes logs, checkpoints, images, the output
     half = HALF.get(cfg.mixed_precision)
@@ -430,6 +620,7 @@ def train(cfg: TrainConfig) -> SDModels:
     # 1. models, frozen parts in the mixed-precision dtype (as diffusers' scripts), trainable parts float32
     models = load_models(cfg.pretrained_model_name_or_path, device=device, revision=cfg.revision, variant=cfg.variant)
     check_against_model(models, cfg, inputs)
+    check_prompts(models, cfg, inputs)
     encoders = load_encoders(cfg, models, device, fresh=resume_from is None)
     class_rows = [(path, prompt) for prompt, folder, count in inputs.priors
                   for path in make_class_images(models, cfg, rank, world, prompt, folder, count)]
@@ -495,23 +686,26 @@ def train(cfg: TrainConfig) -> SDModels:
     # 4. resume (every rank reads the checkpoint; the random draws need no state: see row_generator)
     step = 0
     if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
         load_result(resume_from, models, cfg, inputs)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+        base_lrs = [g["initial_lr"] for g in optimizer.param_groups]   # this run's, applied after the load
+        optimizer.load_state_dict(resume_state["optimizer"])
+        lr_schedule.load_state_dict(resume_state["lr_scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        apply_resumed_settings(optimizer, lr_schedule, base_lrs, cfg)
+        step = resume_state["step"]
+        del resume_state
         print(f"resumed from {resume_from} at step {step}")
     log_path = out / "logs.jsonl"
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.start_output_dir(out, step if resume_from is not None else None, RUN_FILES)
         if log_path.is_file():                  # keep the log of the steps the model state contains
             kept = [line for line in log_path.read_text().splitlines()
                     if line and resume_from is not None and json.loads(line)["step"] <= step]
             atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
         with open(log_path, "a") as f:          # the object-driven stage 1 (step 0), one line per Adam step
-            f.writelines(json.dumps(line) + "\n" for line in pe_logs)
+            for line in pe_logs:
+                write_log(f, line)
 
     def draw_batch(micro: int):
         """This rank's B instance rows, then B class rows: each row a random image, crop, flip (TI: template),
@@ -564,6 +758,7 @@ def train(cfg: TrainConfig) -> SDModels:
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.method, unit="step", disable=not is_main)
     t0 = time.time()
     while step < cfg.max_train_steps:
+        finite = True
         for micro in range(cfg.gradient_accumulation_steps):
             with contextlib.ExitStack() as no_sync:
                 if world > 1 and micro < cfg.gradient_accumulation_steps - 1:   # all-reduce once per step
@@ -571,9 +766,11 @@ def train(cfg: TrainConfig) -> SDModels:
                         no_sync.enter_context(m.no_sync())
                 with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
                     loss, logs = loss_fn(draw_batch(micro), train_models, cfg)
+                finite = finite and bool(torch.isfinite(loss.detach()))
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        stop_if_diverged(finite, grad_norm, scaler.is_enabled(), cfg, step + 1, logs, log_file, world, device)
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
@@ -587,24 +784,26 @@ def train(cfg: TrainConfig) -> SDModels:
             values = torch.tensor(list(logs.values()), dtype=torch.float64, device=device)
             dist.all_reduce(values)
             logs = dict(zip(logs, (values / world).tolist()))
-        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs}
+        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs, "grad_norm": grad_norm,
+                "time": round(time.time() - t0, 3)}
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}")
         if not is_main:
             continue
-        log_file.write(json.dumps(logs) + "\n")
-        log_file.flush()
+        write_log(log_file, logs)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-                     "scaler": scaler.state_dict()}
-            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs), state,
-                                       cfg.checkpoints_total_limit)
+                     "scaler": scaler.state_dict(), "config": settings_record(cfg)}
+            saved = checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs), state,
+                                               cfg.checkpoints_total_limit)
+            bar.write(f"step {step}: checkpoint {saved}")
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()
             images = generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed,
                               steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution, progress=False)
-            save_png(make_grid(images), out / "validation" / f"step-{step:06d}.png",
-                     {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
+            grid = out / "validation" / f"step-{step:06d}.png"
+            save_png(make_grid(images), grid, {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
+            bar.write(f"step {step}: validation grid {grid}")
             models.unet.train()
     bar.close()
 
@@ -635,6 +834,7 @@ def demo_report(cfg: TrainConfig, out: Path) -> dict:
     classifier's; prompt alignment the toy CLIP's image-text cosine (the only thing the toy CLIP is trusted with)."""
     import eval as evaluate
     from sample import main as sample_main
+    shutil.rmtree(out / "samples", ignore_errors=True)       # this run's images only (sample.py adds a new set)
     prompts = [f"{cfg.instance_prompt} {s}" for s in DEMO_SCENES] + [f"{cfg.class_prompt} {s}" for s in DEMO_SCENES[:2]]
     sample_main(["--model", str(out), "--out", str(out / "samples"), "--num_images", "4", "--steps", "25",
                  "--guidance", str(DEMO_GUIDANCE), "--device", cfg.device] + [x for p in prompts for x in ("--prompt", p)])
@@ -657,7 +857,4 @@ def demo_report(cfg: TrainConfig, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ModelLoadError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -13,13 +13,13 @@ PROMPTS = ["a photo of a cat", "a red car on the beach at night"]
 NEGATIVE = "blurry, low quality"
 
 
-def diffusers_images(folder, scheduler_cls, height, width, steps=10, guidance=7.5, output_type="np"):
+def diffusers_images(folder, scheduler_cls, height, width, steps=10, guidance=7.5, output_type="np", seeds=7):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe(PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), num_inference_steps=steps, guidance_scale=guidance, height=height,
-                width=width, generator=torch.Generator("cpu").manual_seed(7), output_type=output_type).images
+                width=width, generator=sample.generators(seeds), output_type=output_type).images
 
 
 @pytest.mark.parametrize("family", ["tiny_sd1", "tiny_sd2"])
@@ -39,7 +39,7 @@ def test_generate_matches_diffusers_pipeline(family, sampler, request):
 
 def test_cli_writes_the_same_pngs_with_metadata_and_a_grid(tiny_sd1, tmp_path):
     from diffusers import DDIMScheduler
-    ref = diffusers_images(tiny_sd1, DDIMScheduler, 64, 96, output_type="pil")
+    ref = diffusers_images(tiny_sd1, DDIMScheduler, 64, 96, output_type="pil", seeds=[7, 8])  # image i: seed 7 + i
     args = ["--model", str(tiny_sd1), "--negative_prompt", NEGATIVE, "--seed", "7", "--steps", "10", "--height",
             "64", "--width", "96", "--out", str(tmp_path), "--device", "cpu"]
     paths = sample.main(args + [x for p in PROMPTS for x in ("--prompt", p)])
@@ -48,8 +48,9 @@ def test_cli_writes_the_same_pngs_with_metadata_and_a_grid(tiny_sd1, tmp_path):
         im = Image.open(path)
         diff = np.abs(np.asarray(im, dtype=np.int16) - np.asarray(r, dtype=np.int16))
         assert diff.max() <= 1
-        assert im.text["seed"] == "7" and im.text["steps"] == "10" and im.text["sampler"] == "ddim"
+        assert im.text["steps"] == "10" and im.text["sampler"] == "ddim"
         assert im.text["guidance"] == "7.5" and im.text["prompt"] in PROMPTS
+    assert [Image.open(p).text["seed"] for p in paths] == ["7", "8"]
 
 
 def test_batches_do_not_change_the_images(tiny_sd1, tmp_path):

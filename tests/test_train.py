@@ -121,6 +121,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_sd1, tmp_p
     with pytest.raises(OSError):
         run(argv(tiny_sd1, tmp_path, "dreambooth_lora", 20, "--checkpointing_steps", "10"))
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert not list(tmp_path.glob(".checkpoint-*"))                              # no half-written folder left
     assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert checkpoint.load_state(tmp_path / "checkpoint-10")["step"] == 10
     load_trained(tmp_path / "checkpoint-10")                                    # can be sampled from

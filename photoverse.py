@@ -441,8 +441,8 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
     words, tokens = models.adapters(image_states(models, x))
     words = words[:, :num_words].expand(b, -1, -1)
     tokens = tokens.to(dtype).expand(b, -1, -1)
-    cond = encode_with_words(models.tokenizer, models.text_encoder, prompts, words)
-    uncond = encode_prompts(models, negatives) if guidance > 1.0 else None
+    cond = encode_with_words(models.tokenizer, models.text_encoder, prompts, words).to(dtype)
+    uncond = encode_prompts(models, negatives).to(dtype) if guidance > 1.0 else None
     if guidance > 1.0:                          # rows [unconditional, conditional], the order `guided` uses
         ones = torch.ones(b)
         set_image_condition(models.unet, torch.cat([tokens, tokens]), torch.cat([ones, gamma * ones]),
@@ -454,7 +454,7 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
     generator = torch.Generator("cpu").manual_seed(seed)
     z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
                            steps, eta=eta, generator=generator, progress=progress)
-    images = models.vae.decode(z0 / models.vae.config.scaling_factor)
+    images = models.vae.decode((z0 / models.vae.config.scaling_factor).to(next(models.vae.parameters()).dtype))
     return to_pil(images) if output == "pil" else images
 
 

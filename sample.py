@@ -249,6 +249,8 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
              progress: bool = True, output: str = "pil"):
     """Generate one image per prompt. Returns PIL images (output="pil") or the decoded tensor in [-1, 1]."""
     check_settings(height, width, steps, guidance, sampler)
+    # The parts may hold different dtypes (train.py keeps what trains float32 and casts frozen parts to the
+    # mixed-precision dtype), so each input is cast to the dtype of the part that reads it.
     device, dtype = models.device, next(models.unet.parameters()).dtype
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     cond, uncond = text_conditioning(models, prompts), None
@@ -260,6 +262,7 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
         ids = time_ids((height, width), (0, 0), (height, width), len(prompts)).to(device, dtype)
         for c in filter(None, (cond, uncond)):
             c["time_ids"] = ids
+    cond, uncond = ({k: v.to(dtype) for k, v in c.items()} if c else None for c in (cond, uncond))
     if latents is None:
         latents = initial_latents(len(prompts), height, width, seed, factor=models.vae.factor)
     generator = torch.Generator("cpu").manual_seed(seed)  # only DDPM and DDIM with eta > 0 draw more noise

@@ -22,6 +22,7 @@ rows in each batch (`draw_fusion_rows`), and the object-driven method's stage 1 
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -254,12 +255,21 @@ LR_SCHEDULES = {  # multiplier of the base learning rate at optimizer step s (wa
 }
 
 
+def autocast(device, half: torch.dtype | None):
+    """Mixed precision (--mixed_precision fp16 / bf16): the training step and every image made during a run (validation,
+    class images) run under torch.autocast in that dtype, so parts held in different dtypes (what trains float32, the
+    frozen parts half) meet in one precision. A no-op without mixed precision."""
+    return torch.autocast(torch.device(device).type, dtype=half or torch.float32, enabled=half is not None)
+
+
 def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: int = 1, prompt: str | None = None,
                       folder=None, count: int | None = None) -> list[Path]:
     """Prior images of `prompt` (default --class_prompt) in `folder` (--class_data_dir), `count` of them
     (--num_class_images): generated once by the frozen model, reused, topped up. DreamBooth's class images,
     ComFusion's class-scene images, the object-driven class images. Image i uses seed cfg.seed + i (so a top-up
-    gives the images one run would have) and is made by rank i % world (so N processes share the work)."""
+    gives the images one run would have) and is made by rank i % world (so N processes share the work). They are
+    drawn at the model's native size (UNet sample_size x the VAE factor, as diffusers' pipeline draws them), not at
+    --resolution: the data pipeline resizes them as it resizes the instance photos."""
     prompt, count = prompt or cfg.class_prompt, count or cfg.num_class_images
     folder = Path(folder or cfg.class_data_dir)
     have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
@@ -268,9 +278,12 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
     todo = [i for i in range(len(have), count) if i % world == rank]
     if todo:
         print(f"generating {count - len(have)} class images for '{prompt}' into {folder}")
+    native = models.unet.config.sample_size
+    size = native * models.vae.factor if native else cfg.resolution    # a config without sample_size: --resolution
     for i in tqdm(todo, desc="class images", disable=not todo):
-        image = generate(models, [prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps,
-                         height=cfg.resolution, width=cfg.resolution, progress=False)[0]
+        with autocast(models.device, HALF.get(cfg.mixed_precision)):
+            image = generate(models, [prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps, height=size,
+                             width=size, progress=False)[0]
         save_png(image, folder / f"class_{i:05d}.png", {"prompt": prompt, "seed": cfg.seed + i})
     if world > 1:
         dist.barrier()
@@ -327,11 +340,14 @@ def token_ids(models: SDModels, tokens) -> list[int]:
     return [models.tokenizer.encode(t)[1] for t in tokens]
 
 
-def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, inputs: Inputs) -> None:
-    """The method's output, the same for checkpoints and the final folder, so both can be sampled from."""
+def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, inputs: Inputs,
+                 full_copies: dict | None = None) -> None:
+    """The method's output, the same for checkpoints and the final folder, so both can be sampled from.
+    `full_copies`: float32 CPU copies of frozen parts the run holds in half precision, written in their place (a
+    full model keeps its VAE and text encoder as loaded; diffusers' script re-reads them from the base model)."""
     files = {}
-    if cfg.method in ("dreambooth", "comfusion"):
-        save_models(models, folder)                                    # a complete diffusers model folder
+    if cfg.method in ("dreambooth", "comfusion"):                      # a complete diffusers model folder
+        save_models(dataclasses.replace(models, **(full_copies or {})), folder)
     if cfg.method in ("dreambooth_lora", "objectdriven"):
         parts = {"unet": models.unet, **(models.text_encoders if cfg.train_text_encoder else {})}
         save_lora(folder / "pytorch_lora_weights.safetensors", parts)
@@ -439,8 +455,11 @@ def train(cfg: TrainConfig) -> SDModels:
         pe_logs = prototypical_stage(models, encoders.pop("clip"), inputs.objects, cfg)
     frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[cfg.weight_dtype]
-    for m in (models.unet, models.vae, *models.text_encoders.values()):
+    full_copies = {}                            # full-model outputs write the frozen parts float32, as loaded
+    for name, m in {"unet": models.unet, "vae": models.vae, **models.text_encoders}.items():
         if not any(p.requires_grad for p in m.parameters()):
+            if cfg.method in ("dreambooth", "comfusion") and frozen_dtype != torch.float32:
+                full_copies[name] = copy.deepcopy(m).cpu()
             m.to(frozen_dtype)
     if models.vae.config.force_upcast:          # SDXL's VAE overflows in float16: float32, as diffusers' SDXL script
         models.vae.float()
@@ -450,6 +469,7 @@ def train(cfg: TrainConfig) -> SDModels:
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     for encoder in models.text_encoders.values():
         encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
+    models.vae.gradient_checkpointing = cfg.gradient_checkpointing and cfg.method == "comfusion"  # the fusion stream
     trained = {name: m for name, m in {"unet": models.unet, **models.text_encoders}.items()
                if any(p.requires_grad for p in m.parameters())}
     if world > 1:                               # DDP averages the gradients of the trained models across ranks
@@ -569,7 +589,7 @@ def train(cfg: TrainConfig) -> SDModels:
                 if world > 1 and micro < cfg.gradient_accumulation_steps - 1:   # all-reduce once per step
                     for m in trained.values():
                         no_sync.enter_context(m.no_sync())
-                with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                with autocast(device, half):
                     loss, logs = loss_fn(draw_batch(micro), train_models, cfg)
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
@@ -597,12 +617,13 @@ def train(cfg: TrainConfig) -> SDModels:
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
                      "scaler": scaler.state_dict()}
-            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs), state,
-                                       cfg.checkpoints_total_limit)
+            checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs, full_copies),
+                                       state, cfg.checkpoints_total_limit)
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()
-            images = generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed,
-                              steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution, progress=False)
+            with autocast(device, half):
+                images = generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed,
+                                  steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution, progress=False)
             save_png(make_grid(images), out / "validation" / f"step-{step:06d}.png",
                      {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
             models.unet.train()
@@ -611,7 +632,7 @@ def train(cfg: TrainConfig) -> SDModels:
     # 6. the final output: the same files as a checkpoint, at the top of the output folder
     if is_main:
         log_file.close()
-        write_result(out, models, cfg, step, inputs)
+        write_result(out, models, cfg, step, inputs, full_copies)
         export_result(out, models, cfg)
         print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
     if world > 1:

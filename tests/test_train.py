@@ -393,3 +393,24 @@ def test_sdxl_textual_inversion_file_loads_in_diffusers(tiny_sdxl, tmp_path):
     ours = load_trained(tmp_path)
     assert ours.tokenizer_2.encode("<sks>")[1] == ours.tokenizer.encode("<sks>")[1] == 49408
     assert np.abs(our_image(ours, prompt) - ref).max() <= 1 / 255 + 1e-6
+
+
+def test_class_images_are_drawn_at_the_native_size_not_the_resolution(tmp_path):
+    from tiny import make_tiny_model
+    model = make_tiny_model(tmp_path / "tiny", sample_size=4)                  # native 4 x 8 = 32 px
+    cfg = train.parse_args(argv(model, tmp_path / "out", "dreambooth", 1, "--with_prior_preservation", "--class_prompt",
+                                "a photo of dog", "--class_data_dir", tmp_path / "cls", "--num_class_images", "1",
+                                "--class_sample_steps", "2", "--resolution", "16"))
+    paths = train.make_class_images(load_models(model), cfg)
+    assert load_image(paths[0]).size == (32, 32)                                 # not --resolution's 16
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_full_model_outputs_keep_the_frozen_parts_float32_as_loaded(precision, tiny_sd1, tmp_path):
+    run(argv(tiny_sd1, tmp_path, "dreambooth", 2, "--mixed_precision", precision, "--checkpointing_steps", "1"))
+    base = load_models(tiny_sd1)
+    for folder in (tmp_path, tmp_path / "checkpoint-1"):
+        for part, file in (("vae", "vae/diffusion_pytorch_model.safetensors"), ("text_encoder", "text_encoder/model.safetensors")):
+            saved = load_file(folder / file)
+            for name, p in getattr(base, part).state_dict().items():
+                assert saved[name].dtype == torch.float32 and torch.equal(saved[name], p), (part, name)

@@ -334,10 +334,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--lora", default=None, help="a LoRA file or folder written by train.py")
+    p.add_argument("--lora_scale", type=float, default=None, help="the LoRA update's weight at inference (default: "
+                   "as trained, alpha / rank; 0 = the base model); photoverse: the paper's alpha in K = W + alpha dW")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--method", default="text2image", choices=["text2image", "photoverse"])
     p.add_argument("--adapter", help="photoverse: the adapter checkpoint (photoverse.safetensors or its folder)")
     p.add_argument("--face", help="photoverse: one face image; the prompt names the person S*")
+    p.add_argument("--face_mask", help="photoverse: the face region of --face (white = face): the adapters then see "
+                   "its 1.3x crop with the rest masked, as in pretraining with masks or boxes")
     p.add_argument("--gamma", type=float, default=1.0, help="photoverse: weight of the text branch")
     p.add_argument("--sigma", type=float, default=1.0, help="photoverse: weight of the image branch")
     p.add_argument("--num_words", type=int, default=1, help="photoverse: pseudo-words that replace S*")
@@ -378,6 +382,12 @@ def main(argv=None) -> list[Path]:
         path = Path(args.lora)
         load_lora(path / "pytorch_lora_weights.safetensors" if path.is_dir() else path,
                   {"unet": models.unet, **models.text_encoders})
+    if args.lora_scale is not None:
+        from lora import lora_layers, set_lora_scale
+        if not any(lora_layers(m) for m in (models.unet, *models.text_encoders.values())):
+            raise ValueError("--lora_scale needs a LoRA: --lora FILE, or a --model folder train.py wrote with a LoRA")
+        for m in (models.unet, *models.text_encoders.values()):
+            set_lora_scale(m, args.lora_scale)
     warn_long_prompts(models.tokenizer, prompts)
     size = models.unet.config.sample_size * models.vae.factor
     height, width = args.height or size, args.width or size
@@ -386,8 +396,9 @@ def main(argv=None) -> list[Path]:
     def make_images(batch, latents, seed):
         return generate(models, batch, args.negative_prompt, seed=seed, steps=args.steps, guidance=args.guidance,
                         sampler=args.sampler, eta=args.eta, height=height, width=width, latents=latents)
-    return write_images(args, prompts, height, width, make_images, {"model": str(args.model), "lora": str(args.lora or "")},
-                        models.vae.factor)
+    meta = {"model": str(args.model), "lora": str(args.lora or ""),
+            **({"lora_scale": args.lora_scale} if args.lora_scale is not None else {})}
+    return write_images(args, prompts, height, width, make_images, meta, models.vae.factor)
 
 
 def write_images(args, prompts: list[str], height: int, width: int, make_images, meta: dict,

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import checkpoint
 from data import list_images, load_image, prepare, prepare_with_crop
 from hub import ModelLoadError, atomic_write, looks_like_path
-from lora import inject_lora, load_lora, save_lora, save_lora_kohya
+from lora import INITS, inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
 from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
@@ -109,6 +109,8 @@ class TrainConfig:
     noise_offset: float = 0.0
     rank: int = 4
     lora_alpha: float | None = None          # None: = rank (diffusers' default)
+    lora_init: str = "gaussian"              # LoRA A's init: gaussian, N(0, (1/rank)^2) (diffusers' DreamBooth-LoRA), or
+                                             # kaiming (nn.Linear's Kaiming-uniform: peft's default, kohya's)
     cache_latents: bool = False
     device: str = "auto"
     demo: bool = False
@@ -219,6 +221,8 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError("--cache_latents needs --center_crop (a random crop cannot be cached)")
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
+    if cfg.lora_init not in INITS:
+        raise ValueError(f"--lora_init must be one of {', '.join(INITS)}, got '{cfg.lora_init}'")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "rank", "num_class_images", "num_scene_images", "fusion_steps", "fusion_every",
                  "pe_steps"):
@@ -308,10 +312,11 @@ def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] |
             groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or lr})
     if cfg.method in ("dreambooth_lora", "objectdriven"):              # LoRA on the attention projections
         alpha = cfg.lora_alpha or cfg.rank
-        inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha)
+        inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha, init=cfg.lora_init)
         groups.append({"params": lora_params(models.unet), "lr": lr})
         for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
-            inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha)
+            inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha,
+                        init=cfg.lora_init)
             groups.append({"params": lora_params(encoder), "lr": cfg.text_encoder_lr or lr})
     if tokens:                                                         # new rows of the embedding table
         for token, words in tokens.items():

@@ -414,3 +414,21 @@ def test_full_model_outputs_keep_the_frozen_parts_float32_as_loaded(precision, t
             saved = load_file(folder / file)
             for name, p in getattr(base, part).state_dict().items():
                 assert saved[name].dtype == torch.float32 and torch.equal(saved[name], p), (part, name)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kaiming"])
+def test_a_lora_trained_in_bf16_loads_in_diffusers_with_the_same_image(init, tiny_sd1, tmp_path):
+    """UNet and text-encoder LoRA, each init, bf16 mixed precision: pipe.load_lora_weights gives our image."""
+    out = tmp_path / init
+    run(argv(tiny_sd1, out, "dreambooth_lora", 3, "--learning_rate", "5e-2", "--train_text_encoder",
+             "--mixed_precision", "bf16", "--lora_init", init))
+    pipe = diffusers_pipe(tiny_sd1)
+    base = same_images(pipe, load_models(tiny_sd1), "a photo of sks dog")
+    pipe.load_lora_weights(out)
+    ours = load_trained(out)
+    assert same_images(pipe, ours, "a photo of sks dog") <= 1 / 255
+    assert base <= 1 / 255                                                     # before loading: the base model
+    lora_images = images_np(generate(ours, ["a photo of sks dog"], seed=3, steps=4, height=64, width=64, progress=False))
+    base_images = images_np(generate(load_models(tiny_sd1), ["a photo of sks dog"], seed=3, steps=4, height=64,
+                                     width=64, progress=False))
+    assert np.abs(lora_images - base_images).max() > 2 / 255                  # the LoRA does something

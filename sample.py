@@ -123,30 +123,36 @@ def write_result_info(folder, info: dict) -> None:
     atomic_write(Path(folder) / RESULT_INFO, lambda p: p.write_text(json.dumps(info, indent=2)))
 
 
-def add_token(models: SDModels, token: str, vector: torch.Tensor, encoder: str = "text_encoder") -> int:
-    """Add a word to the tokenizer and its row `vector` to the text encoder's embedding table (Textual
-    Inversion); `encoder="text_encoder_2"`: SDXL's second pair. Returns the new token id."""
+def add_token(models: SDModels, token: str, vector: torch.Tensor, encoder: str = "text_encoder") -> list[int]:
+    """Add a word to the tokenizer and its row `vector` (d,) to the text encoder's embedding table (Textual
+    Inversion); `encoder="text_encoder_2"`: SDXL's second pair. A (n, d) `vector` is a multi-vector token, written
+    as n tokens wherever the word is (CLIPTokenizer.add_vectors). Returns the new token ids."""
     tokenizer, text_encoder = getattr(models, encoder.replace("text_encoder", "tokenizer")), getattr(models, encoder)
-    token_id = tokenizer.add_token(token)
+    rows = vector.reshape(-1, vector.shape[-1])
+    ids = tokenizer.add_vectors(token, rows.shape[0])
     embeddings = text_encoder.text_model.embeddings
     old = embeddings.token_embedding.weight
-    table = torch.nn.Embedding(old.shape[0] + 1, old.shape[1], device=old.device, dtype=old.dtype)
+    table = torch.nn.Embedding(old.shape[0] + len(ids), old.shape[1], device=old.device, dtype=old.dtype)
     with torch.no_grad():
-        table.weight[:-1] = old
-        table.weight[token_id] = vector.to(old)
+        table.weight[:old.shape[0]] = old
+        table.weight[ids] = rows.to(old)
     embeddings.token_embedding = table
     text_encoder.config = dataclasses.replace(text_encoder.config, vocab_size=table.weight.shape[0])
-    return token_id
+    return ids
 
 
 SDXL_EMBEDDINGS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # A1111's SDXL embeddings (diffusers reads)
 
 
 def add_embeddings(models: SDModels, embeddings: dict[str, torch.Tensor], tokens: list[str]) -> None:
-    """A Textual Inversion file into the models: {token: (d,)} (SD1/2, diffusers' learned_embeds), or SDXL's
-    {"clip_l": (n, 768), "clip_g": (n, 1280)}, one row per token of `tokens` in each encoder."""
+    """A Textual Inversion file into the models: {token: (d,) or (n, d)} (SD1/2, diffusers' learned_embeds), or
+    SDXL's {"clip_l": (n, 768), "clip_g": (n, 1280)}: one row per token of `tokens` in each encoder, or, for one
+    token, its n vectors."""
     if set(embeddings) == set(SDXL_EMBEDDINGS):
         for key, encoder in SDXL_EMBEDDINGS.items():
+            if len(tokens) == 1:
+                add_token(models, tokens[0], embeddings[key], encoder)
+                continue
             for token, vector in zip(tokens, embeddings[key]):
                 add_token(models, token, vector, encoder)
         return
@@ -165,9 +171,11 @@ def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
     if "lora" in info:
         from lora import load_lora
         load_lora(folder / info["lora"], {"unet": models.unet, **models.text_encoders})
-    if "embeddings" in info:
+    if "embeddings" in info:                  # one file, or one per token (diffusers reads one token per file)
         from safetensors.torch import load_file
-        add_embeddings(models, load_file(folder / info["embeddings"]), info.get("tokens", []))
+        files = [info["embeddings"]] if isinstance(info["embeddings"], str) else info["embeddings"]
+        for file in files:
+            add_embeddings(models, load_file(folder / file), info.get("tokens", []))
     return models
 
 

@@ -45,7 +45,7 @@ from data import list_images, load_image, prepare, prepare_with_crop
 from hub import ModelLoadError, atomic_write, looks_like_path
 from lora import INITS, inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
-from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
+from methods import (DEFAULT_CLIP, TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
 from sample import (DEFAULT_MODEL, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate, load_models,
                     make_grid, save_models, save_png, text_conditioning, time_ids, write_result_info)
@@ -55,6 +55,11 @@ PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pr
 METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse", *PRETRAIN)
 DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # methods.md section 1
               "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
+# Defaults that differ by method, applied by parse_args unless the flag is given. Textual Inversion: diffusers' recipe
+# (examples/textual_inversion: lr 5e-4 scaled by batch x accumulation x processes, so 2e-3 on one GPU, accumulation 4,
+# 3000 steps, random flips, no gradient clipping)
+METHOD_DEFAULTS = {"textual_inversion": dict(scale_lr=True, gradient_accumulation_steps=4, max_train_steps=3000,
+                                             random_flip=True, max_grad_norm=0.0)}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -75,11 +80,14 @@ class TrainConfig:
     class_sample_steps: int = 50             # [ours] DDIM steps for class images (guidance 7.5)
     placeholder_token: str = "<sks>"         # Textual Inversion
     initializer_token: str = "dog"
+    num_vectors: int = 1                     # Textual Inversion: embedding vectors of the token (diffusers' --num_vectors)
+    learnable_property: str = "object"       # Textual Inversion: object or style, which prompt templates
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
     train_text_encoder: bool = False
     learning_rate: float | None = None       # None: the method's default (DEFAULT_LR)
+    scale_lr: bool = False                   # learning rates x batch x accumulation x processes (diffusers' --scale_lr)
     text_encoder_lr: float | None = None     # None: learning_rate
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -93,7 +101,8 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0               # 0: no clipping. New token rows are clipped alone (the frozen rows' gradients
+                                             # are dropped first)
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
@@ -175,10 +184,12 @@ def parse_args(argv=None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         p.set_defaults(**DEMO)
+    p.set_defaults(**METHOD_DEFAULTS.get(p.parse_known_args(argv)[0].method, {}))
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
 METHOD_OPTIONS = {  # options only some methods read: giving one to another method is a mistake, not a no-op
+    "textual_inversion": ("num_vectors", "learnable_property"),
     "comfusion": ("scenes", "num_scene_images", "tau_min", "tau_max", "fusion_steps", "fusion_every",
                   "fusion_guidance", "instance_loss_weight", "visual_loss_weight", "textual_loss_weight",
                   "dino_model", "clip_model"),
@@ -221,11 +232,15 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError("--cache_latents needs --center_crop (a random crop cannot be cached)")
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
+    if cfg.learnable_property not in TEMPLATES:
+        raise ValueError(f"--learnable_property must be object or style, got '{cfg.learnable_property}'")
+    if cfg.max_grad_norm < 0:
+        raise ValueError(f"--max_grad_norm must be >= 0 (0: no clipping), got {cfg.max_grad_norm}")
     if cfg.lora_init not in INITS:
         raise ValueError(f"--lora_init must be one of {', '.join(INITS)}, got '{cfg.lora_init}'")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "rank", "num_class_images", "num_scene_images", "fusion_steps", "fusion_every",
-                 "pe_steps"):
+                 "pe_steps", "num_vectors"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     check_method_options(cfg)
@@ -323,9 +338,11 @@ def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] |
             init = models.tokenizer.encode(words)[1:-1]
             if cfg.method == "textual_inversion" and len(init) != 1:
                 raise ValueError(f"--initializer_token '{words}' must be a single CLIP token, it is {len(init)}")
+            n = cfg.num_vectors if cfg.method == "textual_inversion" else 1
             for name, encoder in models.text_encoders.items():         # SDXL: a row in each encoder
                 table = encoder.text_model.embeddings.token_embedding.weight
-                add_token(models, token, table[init].mean(0).detach().clone(), name)  # several words: their mean [ours]
+                vector = table[init].mean(0).detach().clone()          # several words: their mean [ours]
+                add_token(models, token, vector.expand(n, -1) if n > 1 else vector, name)  # n vectors: the same row
         tables = [e.text_model.embeddings.token_embedding.weight for e in models.text_encoders.values()]
         for table in tables:
             table.requires_grad_(True)
@@ -342,7 +359,17 @@ def lora_params(model) -> list[torch.nn.Parameter]:
 
 
 def token_ids(models: SDModels, tokens) -> list[int]:
-    return [models.tokenizer.encode(t)[1] for t in tokens]
+    """The embedding rows of the new tokens (a multi-vector token has several)."""
+    return [i for t in tokens for i in models.tokenizer.encode(t)[1:-1]]
+
+
+def embedding_files(tokens) -> dict[str, str]:
+    """token -> the file its learned embedding is written to: learned_embeds.safetensors for one token, one file per
+    token for several (diffusers' load_textual_inversion reads one token per file)."""
+    tokens = list(tokens)
+    if len(tokens) == 1:
+        return {tokens[0]: "learned_embeds.safetensors"}
+    return {t: f"learned_embeds-{i}.safetensors" for i, t in enumerate(tokens, start=1)}
 
 
 def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, inputs: Inputs,
@@ -358,15 +385,19 @@ def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, in
         save_lora(folder / "pytorch_lora_weights.safetensors", parts)
         files["lora"] = "pytorch_lora_weights.safetensors"
     if inputs.tokens:                                                  # diffusers' load_textual_inversion format
-        ids = token_ids(models, inputs.tokens)
-        rows = {name: e.text_model.embeddings.token_embedding.weight[ids].detach().float().cpu().clone()
-                for name, e in models.text_encoders.items()}
-        if models.text_encoder_2 is None:
-            embeds = dict(zip(inputs.tokens, rows["text_encoder"]))
+        tables = {name: e.text_model.embeddings.token_embedding.weight for name, e in models.text_encoders.items()}
+        if models.text_encoder_2 is None:                              # {token: (d,) or (n, d)}, a file per token
+            for token, file in embedding_files(inputs.tokens).items():
+                rows = tables["text_encoder"][token_ids(models, [token])].detach().float().cpu().clone()
+                embeds = {token: rows[0] if len(rows) == 1 else rows}
+                atomic_write(folder / file, lambda p: save_file(embeds, str(p)))
+            names = list(embedding_files(inputs.tokens).values())
+            files["embeddings"] = names[0] if len(names) == 1 else names
         else:                                                          # SDXL: A1111's clip_l / clip_g, (n, d) each
-            embeds = {key: rows[name] for key, name in SDXL_EMBEDDINGS.items()}
-        atomic_write(folder / "learned_embeds.safetensors", lambda p: save_file(embeds, str(p)))
-        files["embeddings"] = "learned_embeds.safetensors"
+            ids = token_ids(models, inputs.tokens)
+            embeds = {key: tables[name][ids].detach().float().cpu().clone() for key, name in SDXL_EMBEDDINGS.items()}
+            atomic_write(folder / "learned_embeds.safetensors", lambda p: save_file(embeds, str(p)))
+            files["embeddings"] = "learned_embeds.safetensors"
         files["tokens"] = list(inputs.tokens)
     if cfg.method in ("comfusion", "objectdriven"):                    # what the loss was trained against
         files["loss_encoders"] = {"clip": cfg.clip_model or DEFAULT_CLIP[cfg.method],
@@ -397,13 +428,13 @@ def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs
     if cfg.method in ("dreambooth_lora", "objectdriven"):
         load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
     if inputs.tokens:
-        rows = load_file(folder / "learned_embeds.safetensors")
-        ids = token_ids(models, inputs.tokens)
         with torch.no_grad():
             if models.text_encoder_2 is None:
-                for token, i in zip(inputs.tokens, ids):
-                    models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
+                for token, file in embedding_files(inputs.tokens).items():
+                    rows = load_file(folder / file)[token]
+                    models.text_encoder.text_model.embeddings.token_embedding.weight[token_ids(models, [token])] = rows
             else:
+                rows, ids = load_file(folder / "learned_embeds.safetensors"), token_ids(models, inputs.tokens)
                 for key, name in SDXL_EMBEDDINGS.items():
                     models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
 
@@ -505,6 +536,9 @@ def train(cfg: TrainConfig) -> SDModels:
                     latent_cache[(id(im), flip)] = (dist_.mean * s, dist_.std * s, crop)
 
     # 3. optimizer and learning-rate schedule (AdamW, Loshchilov & Hutter 2019; settings from methods.md)
+    if cfg.scale_lr:                            # diffusers' --scale_lr: the rate of the whole (global) batch
+        for g in groups:
+            g["lr"] *= cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                   eps=cfg.adam_epsilon)
     shape = LR_SCHEDULES[cfg.lr_scheduler]
@@ -548,8 +582,9 @@ def train(cfg: TrainConfig) -> SDModels:
         for (kind, _), g in zip(ids, gens):
             im, prompt = pools[kind][int(torch.randint(len(pools[kind]), (1,), generator=g))]
             flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
-            if cfg.method == "textual_inversion":
-                prompt = TI_TEMPLATES[int(torch.randint(len(TI_TEMPLATES), (1,), generator=g))].format(cfg.placeholder_token)
+            if cfg.method == "textual_inversion":               # a random template of --learnable_property
+                templates = TEMPLATES[cfg.learnable_property]
+                prompt = templates[int(torch.randint(len(templates), (1,), generator=g))].format(cfg.placeholder_token)
             prompts.append(prompt)
             if id(im) in masks:                 # replays the image's crop draws: the same crop of the same size
                 replay = torch.Generator().set_state(g.get_state())
@@ -598,7 +633,11 @@ def train(cfg: TrainConfig) -> SDModels:
                     loss, logs = loss_fn(draw_batch(micro), train_models, cfg)
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        for table in tables if inputs.tokens else ():                  # only the new rows train: drop the rest,
+            if table.grad is not None:                                 # so clipping measures the trained rows alone
+                table.grad[keep] = 0
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()

@@ -38,7 +38,7 @@ from photoverse import (CHECKPOINT_NAME, IdentityEncoder, PhotoVerseConfig, Phot
                         image_states, load_trained_parts, read_adapter_meta, reference_faces, save_adapter,
                         set_image_condition, trainable_parameters)
 from sample import default_device, load_models, make_grid, save_png, write_result_info
-from train import HALF, LR_SCHEDULES, METHOD_OPTIONS, TrainConfig, row_generator
+from train import HALF, LR_SCHEDULES, METHOD_OPTIONS, TrainConfig, autocast, row_generator
 
 TRAIN_PROMPT = "a photo of S*"      # [paper]: the training caption, and the one L_face's estimate is made under
 CLIP_MODEL = "openai/clip-vit-large-patch14"    # the image encoder [paper]: the CLIP whose text tower SD1 uses
@@ -372,7 +372,7 @@ def pretrain(cfg) -> PhotoVerseModels:
     t0 = time.time()
     while step < cfg.max_train_steps:
         for micro in range(cfg.gradient_accumulation_steps):
-            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            with autocast(device, half):
                 loss, logs = photoverse_loss(draw_batch(micro), models, cfg)
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
@@ -394,7 +394,7 @@ def pretrain(cfg) -> PhotoVerseModels:
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()                  # the first face of the folder, as a user would give one
             prompts = [cfg.validation_prompt] * cfg.num_validation_images
-            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            with autocast(device, half):
                 images = generate(models, load_image(faces.paths[0]), prompts, seed=cfg.seed, steps=cfg.sample_steps,
                                   height=cfg.resolution, width=cfg.resolution, progress=False)
             save_png(make_grid(images), out / "validation" / f"step-{step:06d}.png",

@@ -494,7 +494,7 @@ def train(cfg: TrainConfig) -> SDModels:
     full_copies = {}                            # full-model outputs write the frozen parts float32, as loaded
     for name, m in {"unet": models.unet, "vae": models.vae, **models.text_encoders}.items():
         if not any(p.requires_grad for p in m.parameters()):
-            if cfg.method in ("dreambooth", "comfusion") and frozen_dtype != torch.float32:
+            if is_main and cfg.method in ("dreambooth", "comfusion") and frozen_dtype != torch.float32:
                 full_copies[name] = copy.deepcopy(m).cpu()
             m.to(frozen_dtype)
     if models.vae.config.force_upcast:          # SDXL's VAE overflows in float16: float32, as diffusers' SDXL script

@@ -432,3 +432,8 @@ def test_a_lora_trained_in_bf16_loads_in_diffusers_with_the_same_image(init, tin
     base_images = images_np(generate(load_models(tiny_sd1), ["a photo of sks dog"], seed=3, steps=4, height=64,
                                      width=64, progress=False))
     assert np.abs(lora_images - base_images).max() > 2 / 255                  # the LoRA does something
+    from sample import main as sample_main
+    paths = sample_main(["--model", str(out), "--prompt", "a photo of sks dog", "--seed", "3", "--steps", "4",
+                         "--height", "64", "--width", "64", "--lora_scale", "0", "--out", str(tmp_path / "s"),
+                         "--device", "cpu"])
+    assert np.abs(images_np([load_image(paths[0])]) - base_images).max() <= 1 / 255   # scale 0: the base model

@@ -481,6 +481,8 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
             raise ValueError(f"the face mask is {face_mask.size[0]}x{face_mask.size[1]}, the face image "
                              f"{face.size[0]}x{face.size[1]}: a mask must have its image's size")
         m = (prepare(face_mask.convert("RGB"), models.config.resolution).mean(dim=0, keepdim=True) + 1) / 2
+        if not (m > 0.5).any():
+            raise ValueError("the face mask is empty after cropping to the adapters' resolution: white marks the face")
         x = reference_faces(x, m[None].to(device))
     words, tokens = models.adapters(image_states(models, x))
     words = words[:, :num_words].expand(b, -1, -1)

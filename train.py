@@ -677,7 +677,7 @@ def train(cfg: TrainConfig) -> SDModels:
     if is_main:
         log_file.close()
         write_result(out, models, cfg, step, inputs, full_copies)
-        export_result(out, models, cfg)
+        export_result(out, dataclasses.replace(models, **full_copies), cfg)
         print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
     if world > 1:
         dist.barrier()

@@ -508,6 +508,13 @@ def test_k_and_v_use_the_papers_scale_and_lora_scale_0_is_the_base_cross_attenti
                                     "0", "--steps", "2", "--height", "32", "--width", "32"))
     with Image.open(paths[0]) as im:
         assert im.text["lora_scale"] == "0.0"
+    mask = Image.new("L", load_image(assets / "faces" / "face_0.png").size)
+    ImageDraw.Draw(mask).rectangle((5, 5, 30, 40), fill=255)
+    mask.save(tmp_path / "mask.png")
+    masked = sample.main(sample_args(tmp_path / "m", file, assets / "faces" / "face_0.png", "a photo of S*",
+                                     "--lora_scale", "0", "--steps", "2", "--height", "32", "--width", "32",
+                                     "--face_mask", str(tmp_path / "mask.png")))
+    assert not np.array_equal(np.asarray(Image.open(masked[0])), np.asarray(Image.open(paths[0])))  # the crop is used
 
 
 def test_the_reference_is_the_1_3x_face_crop_masked_when_a_region_is_given():
@@ -540,10 +547,3 @@ def test_pretraining_feeds_the_adapters_the_reference_faces(assets, monkeypatch)
     photoverse_train.photoverse_loss(batch, models, train.TrainConfig(method="photoverse", **LOSS_CFG))
     assert torch.equal(seen[0], photoverse.reference_faces(batch["pixel_values"], batch["masks"]))
     assert torch.equal(seen[0][1], batch["pixel_values"][1]) and not torch.equal(seen[0][0], batch["pixel_values"][0])
-    mask = Image.new("L", load_image(assets / "faces" / "face_0.png").size)
-    ImageDraw.Draw(mask).rectangle((5, 5, 30, 40), fill=255)
-    mask.save(tmp_path / "mask.png")
-    masked = sample.main(sample_args(tmp_path / "m", file, assets / "faces" / "face_0.png", "a photo of S*",
-                                     "--lora_scale", "0", "--steps", "2", "--height", "32", "--width", "32",
-                                     "--face_mask", str(tmp_path / "mask.png")))
-    assert not np.array_equal(np.asarray(Image.open(masked[0])), np.asarray(Image.open(paths[0])))  # the crop is used

@@ -60,10 +60,10 @@ def test_the_defaults_are_diffusers_recipe(tiny_sd1, tmp_path):
 def test_a_run_uses_the_scaled_lr_the_templates_flips_and_no_clipping(prop, templates, tiny_sd1, tmp_path,
                                                                       monkeypatch):
     prompts, flips, clips = [], [], []
-    real_call, real_prepare = CLIPTokenizer.__call__, train.prepare
+    real_call, real_prepare = CLIPTokenizer.__call__, train.prepare_with_crop
     monkeypatch.setattr(CLIPTokenizer, "__call__", lambda self, texts: prompts.extend(
         [texts] if isinstance(texts, str) else texts) or real_call(self, texts))
-    monkeypatch.setattr(train, "prepare", lambda im, r, c=False, flip=False, g=None: flips.append(flip) or
+    monkeypatch.setattr(train, "prepare_with_crop", lambda im, r, c=False, flip=False, g=None: flips.append(flip) or
                         real_prepare(im, r, c, flip, g))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clips.append(a))
     run_args = ti_args(tiny_sd1, tmp_path, "--max_train_steps", "10", "--train_batch_size", "2",

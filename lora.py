@@ -2,8 +2,10 @@
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685. A frozen layer
 `W` gets a trainable update of rank r: `y = W x + (alpha / r) * B(A(x))`, with A: in -> r, B: r -> out.
-B starts at zero, so training starts from the base model exactly. Init and scale follow peft's
-`lora.Linear` / `lora.Conv2d`, the layers diffusers uses.
+B starts at zero, so training starts from the base model exactly. Scale and layers follow peft's
+`lora.Linear` / `lora.Conv2d`, the layers diffusers uses. A's init (`INITS`): "gaussian", A ~ N(0, (1/r)^2), the
+default, as diffusers' train_dreambooth_lora.py asks peft for (`init_lora_weights="gaussian"`); or "kaiming",
+nn.Linear's Kaiming-uniform (std about 1/sqrt(3 in)), which peft's own default and kohya's sd-scripts use.
 
 Checkpoint-name contract: a LoRA layer replaces the layer at the same path and keeps its parameters as
 `weight` / `bias`, so the base keys are unchanged (`...attn2.to_k.weight` still loads strict=True), and
@@ -27,6 +29,7 @@ from hub import atomic_write, read_safetensors
 # The attention projections: what diffusers' DreamBooth LoRA script targets in the UNet.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name `load_lora_weights(folder)` looks for
+INITS = ("gaussian", "kaiming")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -34,8 +37,11 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name `load_lora_we
 class LoRALayer(nn.Module):
     """What LoRALinear and LoRAConv2d share: the frozen base weight/bias, A and B, scale, merging."""
 
-    def __init__(self, base: nn.Module, lora_A: nn.Module, lora_B: nn.Module, rank: int, alpha, dropout: float):
+    def __init__(self, base: nn.Module, lora_A: nn.Module, lora_B: nn.Module, rank: int, alpha, dropout: float,
+                 init: str = "gaussian"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {', '.join(INITS)}, got '{init}'")
         # the base tensors themselves (no copy) under the base names, so the state-dict keys do not change
         self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
@@ -45,9 +51,14 @@ class LoRALayer(nn.Module):
         # (peft does the same with `autocast_adapter_dtype=True`)
         self.lora_A = lora_A.to(device=base.weight.device, dtype=torch.float32)
         self.lora_B = lora_B.to(device=base.weight.device, dtype=torch.float32)
-        # paper 4.1: A random, B = 0 so the update starts at 0. The paper draws A from a Gaussian; peft (so
-        # diffusers) uses nn.Linear's default Kaiming-uniform, which we follow
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        # paper 4.1: A random, B = 0 so the update starts at 0. With B = 0 the first updates of B scale with |A|,
+        # so the init sets the early learning speed: "gaussian" (std 1/r: 0.25 at r = 4) is diffusers' DreamBooth-LoRA
+        # choice (peft `init_lora_weights="gaussian"`); "kaiming" (nn.Linear's default, a = sqrt(5); std
+        # 1/sqrt(3 in): 0.018 at in = 1024) is peft's default and kohya's
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
         self.merged = False
@@ -84,9 +95,9 @@ class LoRALayer(nn.Module):
 
 
 class LoRALinear(LoRALayer):
-    def __init__(self, base: nn.Linear, rank: int = 4, alpha=None, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha=None, dropout: float = 0.0, init: str = "gaussian"):
         super().__init__(base, nn.Linear(base.in_features, rank, bias=False),
-                         nn.Linear(rank, base.out_features, bias=False), rank, alpha, dropout)
+                         nn.Linear(rank, base.out_features, bias=False), rank, alpha, dropout, init)
 
     def base_forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -95,11 +106,11 @@ class LoRALinear(LoRALayer):
 class LoRAConv2d(LoRALayer):
     """LoRA on a 1x1 convolution (SD1's `proj_in` / `proj_out`): A and B are 1x1 convs too."""
 
-    def __init__(self, base: nn.Conv2d, rank: int = 4, alpha=None, dropout: float = 0.0):
+    def __init__(self, base: nn.Conv2d, rank: int = 4, alpha=None, dropout: float = 0.0, init: str = "gaussian"):
         if not is_pointwise_conv(base):
             raise ValueError(f"LoRAConv2d takes a 1x1 conv (stride 1, no padding, groups 1), got {base}")
         super().__init__(base, nn.Conv2d(base.in_channels, rank, 1, bias=False),
-                         nn.Conv2d(rank, base.out_channels, 1, bias=False), rank, alpha, dropout)
+                         nn.Conv2d(rank, base.out_channels, 1, bias=False), rank, alpha, dropout, init)
 
     def base_forward(self, x):
         return F.conv2d(x, self.weight, self.bias)
@@ -110,13 +121,13 @@ def is_pointwise_conv(m) -> bool:
             and m.groups == 1 and m.dilation == (1, 1))
 
 
-def wrap(module: nn.Module, name: str, rank: int, alpha, dropout: float = 0.0) -> LoRALayer:
+def wrap(module: nn.Module, name: str, rank: int, alpha, dropout: float = 0.0, init: str = "gaussian") -> LoRALayer:
     if isinstance(module, LoRALayer):
         raise ValueError(f"'{name}' already has a LoRA: inject once, or load into the injected model")
     if isinstance(module, nn.Linear):
-        return LoRALinear(module, rank, alpha, dropout)
+        return LoRALinear(module, rank, alpha, dropout, init)
     if is_pointwise_conv(module):
-        return LoRAConv2d(module, rank, alpha, dropout)
+        return LoRAConv2d(module, rank, alpha, dropout, init)
     raise TypeError(f"'{name}' is a {module}: LoRA targets must be nn.Linear or 1x1 nn.Conv2d")
 
 
@@ -128,12 +139,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject_lora(model: nn.Module, targets=UNET_TARGETS, rank: int = 4, alpha=None, filter=None,
-                dropout: float = 0.0) -> list[str]:
+                dropout: float = 0.0, init: str = "gaussian") -> list[str]:
     """Replace every module whose name ends with a target (on a `.` boundary) by its LoRA layer.
 
     `targets` are explicit suffixes ("to_out.0" matches "...attn1.to_out.0", not "...xto_out.0");
     `filter(name) -> bool` narrows further (e.g. `lambda n: ".attn2." in n` for cross-attention only).
-    alpha defaults to rank (diffusers' default `lora_alpha`), i.e. scale 1. Freezes nothing else: see
+    alpha defaults to rank (diffusers' default `lora_alpha`), i.e. scale 1; `init` is A's init (`INITS`, "gaussian"
+    by default, as diffusers' DreamBooth-LoRA). Freezes nothing else: see
     `mark_only_lora_trainable`. Returns the replaced module names.
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -144,7 +156,7 @@ def inject_lora(model: nn.Module, targets=UNET_TARGETS, rank: int = 4, alpha=Non
         raise ValueError(f"inject_lora: no module of {type(model).__name__} ends with any of {targets}"
                          f"{' (after filter)' if filter else ''}; its Linear layers are named like {linears}")
     for name in names:
-        replace_module(model, name, wrap(model.get_submodule(name), name, rank, alpha, dropout))
+        replace_module(model, name, wrap(model.get_submodule(name), name, rank, alpha, dropout, init))
     return names
 
 
@@ -163,6 +175,15 @@ def mark_only_lora_trainable(model: nn.Module) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def set_lora_scale(model: nn.Module, scale: float) -> None:
+    """Every LoRA layer's update weight at inference, y = W x + scale B A x (trained with alpha / r; diffusers'
+    `cross_attention_kwargs={"scale": ...}`, PhotoVerse's alpha in K = W_k + alpha dW); 0 is the base model."""
+    for m in lora_layers(model).values():
+        if m.merged:
+            raise ValueError("set_lora_scale: the LoRA is merged; unmerge_lora first")
+        m.scale = float(scale)
 
 
 def merge_lora(model: nn.Module) -> None:

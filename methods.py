@@ -12,7 +12,7 @@ folder of photos and a prompt:
         before the loop.
 
 The others need little: DreamBooth its class images (`prior_sets`), Textual Inversion its new token and prompt
-templates (`TI_TEMPLATES`).
+templates (`TEMPLATES`).
 
 `cfg` is train.py's TrainConfig (not imported here, so that train.py can import this file). Comments mark what
 is the paper's ([paper]) and what is our reading ([ours]), as the README's method table does.
@@ -42,10 +42,27 @@ DEFAULT_SCENES = ("in a garden", "on a kitchen table", "in a library", "on a woo
                   "in a living room", "at night under street lights", "on a balcony", "in a field of lavender",
                   "on a stone bridge")
 
-# Textual Inversion's prompt templates (Gal et al. 2022, the first of `imagenet_templates_small`)
+# Textual Inversion's prompt templates (Gal et al. 2022): diffusers' examples/textual_inversion/textual_inversion.py
+# `imagenet_templates_small` (27, for --learnable_property object) and `imagenet_style_templates_small` (19, two of
+# them twice, as there, for style), in their order
 TI_TEMPLATES = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-                "a photo of a clean {}", "a photo of my {}", "a close-up photo of a {}", "a bright photo of the {}",
-                "a good photo of a {}", "a photo of one {}", "a rendition of the {}", "a photo of the nice {}"]
+                "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+                "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+                "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+                "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
+                "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}",
+                "a photo of the weird {}", "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}"]
+TI_STYLE_TEMPLATES = ["a painting in the style of {}", "a rendering in the style of {}",
+                      "a cropped painting in the style of {}", "the painting in the style of {}",
+                      "a clean painting in the style of {}", "a dirty painting in the style of {}",
+                      "a dark painting in the style of {}", "a picture in the style of {}",
+                      "a cool painting in the style of {}", "a close-up painting in the style of {}",
+                      "a bright painting in the style of {}", "a cropped painting in the style of {}",
+                      "a good painting in the style of {}", "a close-up painting in the style of {}",
+                      "a rendition in the style of {}", "a nice painting in the style of {}",
+                      "a small painting in the style of {}", "a weird painting in the style of {}",
+                      "a large painting in the style of {}"]
+TEMPLATES = {"object": TI_TEMPLATES, "style": TI_STYLE_TEMPLATES}      # by --learnable_property
 
 
 # ----------------------------------------------------------------------------- checks and inputs

@@ -48,7 +48,7 @@ from attention import attention
 from data import load_image, prepare
 from hub import ModelLoadError, atomic_write, looks_like_path, read_safetensors
 from image_encoders import CLIPModel, ViTModel
-from lora import inject_lora
+from lora import inject_lora, set_lora_scale
 from sample import (DEFAULT_MODEL, DTYPES, SDModels, check_settings, default_device, encode_prompts, generators,
                     guided, initial_latents, load_models, read_prompts, to_pil, write_images)
 from schedulers import SAMPLERS
@@ -250,7 +250,8 @@ class PhotoVerseConfig:
     vision_layers: tuple[int, ...] = (-1, 4, 8, 12, 16)  # CLIP hidden states [ours, ELITE's layers and order]
     adapter_dim: int = 1024                              # adapter width [paper]
     rank: int = 4                                        # LoRA rank [ours]
-    lora_alpha: float = 1.0                              # LoRA alpha [paper]
+    lora_alpha: float | None = None                      # LoRA alpha; None: = rank, so the scale alpha / rank is 1,
+                                                         # the paper's K = W_k + alpha dW with alpha = 1 [paper]
     resolution: int = 512                                # of training images; inference prepares a face alike
 
     @classmethod
@@ -296,16 +297,19 @@ def check_layers(layers, n: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def attach(sd: SDModels, vision: CLIPModel, config: PhotoVerseConfig, identity: IdentityEncoder | None = None):
+def attach(sd: SDModels, vision: CLIPModel, config: PhotoVerseConfig, identity: IdentityEncoder | None = None,
+           lora_init: str = "gaussian"):
     """Freeze every pretrained part, then add the trained ones [paper]: the adapters, the image branch
-    (W_k^S, W_v^S) in every cross-attention, LoRA on the text branch's to_k / to_v. Returns PhotoVerseModels."""
+    (W_k^S, W_v^S) in every cross-attention, LoRA on the text branch's to_k / to_v (A initialised by `lora_init`,
+    lora.py's INITS). Returns PhotoVerseModels."""
     check_layers(config.vision_layers, vision.config.vision.num_hidden_layers)
     frozen = [sd.unet, sd.vae, sd.text_encoder, vision] + ([identity.model] if identity else [])
     for m in frozen:
         m.requires_grad_(False).eval()                                     # eval: no BatchNorm statistics move
     add_placeholder(sd.tokenizer)
     add_image_branch(sd.unet)
-    inject_lora(sd.unet, ("to_k", "to_v"), rank=config.rank, alpha=config.lora_alpha, filter=lambda n: ".attn2." in n)
+    inject_lora(sd.unet, ("to_k", "to_v"), rank=config.rank, alpha=config.lora_alpha, filter=lambda n: ".attn2." in n,
+                init=lora_init)
     adapters = Adapters(len(config.vision_layers), vision.config.vision.hidden_size, sd.text_encoder.config.hidden_size,
                         sd.unet.config.cross_attention_dim, config.adapter_dim).to(sd.device)
     models = PhotoVerseModels(**vars(sd), vision=vision, adapters=adapters, config=config, identity=identity)
@@ -316,6 +320,31 @@ def attach(sd: SDModels, vision: CLIPModel, config: PhotoVerseConfig, identity: 
 
 def trainable_parameters(models: PhotoVerseModels) -> list[nn.Parameter]:
     return list(models.adapters.parameters()) + [p for n, p in models.unet.named_parameters() if is_trained(n)]
+
+
+FACE_CROP = 1.3                     # the reference image: the face box enlarged 1.3 times [paper]
+
+
+def reference_faces(x: torch.Tensor, masks: torch.Tensor, expand: float = FACE_CROP) -> torch.Tensor:
+    """What the adapters see [paper]: per row, the face region's bounding box enlarged `expand` times about its centre
+    (kept inside the image), cropped from the image with the non-face pixels masked to 0 (mid-grey in [-1, 1]
+    [ours]) and resized back to H x W. x (b, 3, H, W) in [-1, 1], masks (b, 1, H, W) in [0, 1]. An all-ones mask
+    (an aligned face with no region given) returns the image unchanged."""
+    out = []
+    H, W = x.shape[-2:]
+    for xi, mi in zip(x, masks):
+        rows, cols = torch.nonzero(mi[0] > 0.5, as_tuple=True)
+        box = []
+        for lo, hi, size in ((rows.min().item(), rows.max().item() + 1, H), (cols.min().item(), cols.max().item() + 1, W)):
+            n = min(size, round((hi - lo) * expand))                     # the enlarged side, in pixels
+            start = min(max((lo + hi - n) // 2, 0), size - n)            # centred on the box, inside the image
+            box += [start, start + n]
+        top, bottom, left, right = box
+        crop = (xi * (mi > 0.5).to(xi.dtype))[:, top:bottom, left:right]
+        if crop.shape[-2:] != (H, W):
+            crop = torch.nn.functional.interpolate(crop[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        out.append(crop)
+    return torch.stack(out)
 
 
 def image_states(models: PhotoVerseModels, x: torch.Tensor) -> list[torch.Tensor]:
@@ -403,14 +432,19 @@ def load_trained_parts(models: PhotoVerseModels, path) -> None:
         target.copy_(tensors[name])
 
 
-def load_photoverse(adapter, model: str | None = None, dtype=torch.float32, device="cpu") -> PhotoVerseModels:
-    """Inference models from an adapter checkpoint: its base SD model (or `model`), its CLIP tower, the parts."""
+def load_photoverse(adapter, model: str | None = None, dtype=torch.float32, device="cpu",
+                    lora_scale: float | None = None) -> PhotoVerseModels:
+    """Inference models from an adapter checkpoint: its base SD model (or `model`), its CLIP tower, the parts.
+    `lora_scale`: the paper's alpha in K = W_k + alpha dW, V = W_v + alpha dW at inference (None: as trained, 1 by
+    default; 0: the base text branch)."""
     meta = read_adapter_meta(adapter)
     sd = load_models(model or meta["base_model"], dtype=dtype, device=device)
     vision = CLIPModel.from_pretrained(meta["clip_model"], dtype=dtype, device=device)
     check_base(meta, sd, vision, adapter)
     models = attach(sd, vision, PhotoVerseConfig.from_json(meta["config"]))
     load_trained_parts(models, adapter)
+    if lora_scale is not None:
+        set_lora_scale(models.unet, lora_scale)
     models.unet.to(dtype)                       # the trained parts in the inference dtype too
     models.adapters.to(dtype)
     return models
@@ -422,8 +456,12 @@ def load_photoverse(adapter, model: str | None = None, dtype=torch.float32, devi
 def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], negative_prompt: str | list[str] = "",
              num_words: int = 1, gamma: float = 1.0, sigma: float = 1.0, seed: int = 0, steps: int = 50,
              guidance: float = 7.5, sampler: str = "ddim", eta: float = 0.0, height: int = 512, width: int = 512,
-             latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil"):
+             latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil",
+             face_mask: Image.Image | None = None):
     """One image per prompt of the person in `face`: a single forward of the adapters, then sampling.
+
+    face_mask: the face region of `face` (white = face, the image's size); given, the adapters see the 1.3x face crop
+    with the rest masked, as in pretraining with masks or boxes (`reference_faces`); None: the whole aligned image.
 
     num_words m: the first m pseudo-words (the last CLIP layer's first) replace S*; 1 by default [paper].
     gamma, sigma: the fusion weights, options at inference (default 1, 1 [paper]). With guidance, the
@@ -437,11 +475,19 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
                          f"got {num_words}")
     device, dtype, b = models.device, next(models.unet.parameters()).dtype, len(prompts)
     x = prepare(face, models.config.resolution)[None].to(device)          # as the pretraining prepared faces
+    if face_mask is not None:
+        if face_mask.size != face.size:
+            raise ValueError(f"the face mask is {face_mask.size[0]}x{face_mask.size[1]}, the face image "
+                             f"{face.size[0]}x{face.size[1]}: a mask must have its image's size")
+        m = (prepare(face_mask.convert("RGB"), models.config.resolution).mean(dim=0, keepdim=True) + 1) / 2
+        if not (m > 0.5).any():
+            raise ValueError("the face mask is empty after cropping to the adapters' resolution: white marks the face")
+        x = reference_faces(x, m[None].to(device))
     words, tokens = models.adapters(image_states(models, x))
     words = words[:, :num_words].expand(b, -1, -1)
     tokens = tokens.to(dtype).expand(b, -1, -1)
-    cond = encode_with_words(models.tokenizer, models.text_encoder, prompts, words)
-    uncond = encode_prompts(models, negatives) if guidance > 1.0 else None
+    cond = encode_with_words(models.tokenizer, models.text_encoder, prompts, words).to(dtype)
+    uncond = encode_prompts(models, negatives).to(dtype) if guidance > 1.0 else None
     if guidance > 1.0:                          # rows [unconditional, conditional], the order `guided` uses
         ones = torch.ones(b)
         set_image_condition(models.unet, torch.cat([tokens, tokens]), torch.cat([ones, gamma * ones]),
@@ -453,7 +499,7 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
     generator = generators(seed)                # one per image for a list of seeds (sample.generators)
     z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
                            steps, eta=eta, generator=generator, progress=progress)
-    images = models.vae.decode(z0 / models.vae.config.scaling_factor)
+    images = models.vae.decode((z0 / models.vae.config.scaling_factor).to(next(models.vae.parameters()).dtype))
     return to_pil(images) if output == "pil" else images
 
 
@@ -472,6 +518,10 @@ def sample_main(args) -> list[Path]:
     if args.lora:
         raise ValueError("--lora does not apply to --method photoverse: its LoRA is inside the adapter checkpoint")
     face = load_image(args.face)
+    face_mask = load_image(args.face_mask) if args.face_mask else None
+    if face_mask is not None and face_mask.size != face.size:
+        raise ValueError(f"--face_mask is {face_mask.size[0]}x{face_mask.size[1]}, --face {face.size[0]}x"
+                         f"{face.size[1]}: a mask must have its image's size")
     meta = read_adapter_meta(args.adapter)
     if not 1 <= args.num_words <= len(meta["config"]["vision_layers"]):
         raise ValueError(f"--num_words must be in 1..{len(meta['config']['vision_layers'])}, got {args.num_words}")
@@ -482,7 +532,7 @@ def sample_main(args) -> list[Path]:
         raise ModelLoadError(f"the adapter's CLIP model '{meta['clip_model']}' does not exist")
     device = default_device() if args.device == "auto" else args.device
     # 2. load once
-    models = load_photoverse(args.adapter, model, dtype=DTYPES[args.dtype], device=device)
+    models = load_photoverse(args.adapter, model, dtype=DTYPES[args.dtype], device=device, lora_scale=args.lora_scale)
     size = models.unet.config.sample_size * models.vae.factor
     height, width = (size if v is None else v for v in (args.height, args.width))
     check_settings(height, width, args.steps, args.guidance, args.sampler)
@@ -490,7 +540,8 @@ def sample_main(args) -> list[Path]:
     def make_images(batch, latents, seed):
         return generate(models, face, batch, args.negative_prompt, num_words=args.num_words, gamma=args.gamma,
                         sigma=args.sigma, seed=seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                        eta=args.eta, height=height, width=width, latents=latents)
+                        eta=args.eta, height=height, width=width, latents=latents, face_mask=face_mask)
     meta = dict(model=str(model), method="photoverse", adapter=str(args.adapter), face=str(args.face),
-                gamma=args.gamma, sigma=args.sigma, num_words=args.num_words)
+                gamma=args.gamma, sigma=args.sigma, num_words=args.num_words,
+                lora_scale="as trained" if args.lora_scale is None else args.lora_scale)
     return write_images(args, prompts, height, width, make_images, meta, models.vae.factor)

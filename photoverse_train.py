@@ -31,13 +31,14 @@ from data import IMAGE_SUFFIXES, list_images, load_image, prepare
 from face_encoder import IResNet
 from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json
 from image_encoders import CLIPConfig, CLIPModel, ViTModel
+from lora import INITS
 from losses import draw_noise, draw_timesteps, latents_of
 from photoverse import (CHECKPOINT_NAME, IdentityEncoder, PhotoVerseConfig, PhotoVerseModels, attach, check_base,
                         check_layers, check_prompts, draw_fusion, dual_layers, encode_with_words, generate,
-                        image_states, load_trained_parts, read_adapter_meta, save_adapter, set_image_condition,
-                        trainable_parameters)
+                        image_states, load_trained_parts, read_adapter_meta, reference_faces, save_adapter,
+                        set_image_condition, trainable_parameters)
 from sample import default_device, load_models, make_grid, save_png, write_result_info
-from train import (HALF, LR_SCHEDULES, METHOD_OPTIONS, RUN_FILES, TrainConfig, apply_resumed_settings, check_common,
+from train import (HALF, LR_SCHEDULES, METHOD_OPTIONS, RUN_FILES, TrainConfig, apply_resumed_settings, autocast, check_common,
                    claim_output_dir, row_generator, settings_record, stop_if_diverged, write_log)
 
 TRAIN_PROMPT = "a photo of S*"      # [paper]: the training caption, and the one L_face's estimate is made under
@@ -90,7 +91,9 @@ def photoverse_loss(batch, models: PhotoVerseModels, cfg):
     batch: pixel_values (b, 3, R, R) in [-1, 1] (the face is both the reference and the target [ours]), masks
     (b, 1, R, R) face regions, generators (one per row: timestep, noise, latent sample), fusion_generator.
       1. random fusion [paper]: (gamma, sigma) drawn once for this forward
-      2. the face through the frozen CLIP tower -> pseudo-words p_f (b, m, d) and image tokens f
+      2. the face through the frozen CLIP tower -> pseudo-words p_f (b, m, d) and image tokens f; with a face mask
+         or box the tower sees the 1.3x face crop with non-face pixels masked [paper] (`reference_faces`), else the
+         whole aligned image [ours]
       3. c = text_encoder("a photo of S*" with S* -> the m pseudo-words) [paper]
       4. L_ldm = || target - unet(z_t, t, c; f, gamma, sigma) ||^2 [paper]
       5. L_face on the one-step estimate x_hat = D(z0_hat / s) [paper], only for rows with t < 600 [ours],
@@ -100,7 +103,7 @@ def photoverse_loss(batch, models: PhotoVerseModels, cfg):
     x, masks, gens = batch["pixel_values"], batch["masks"], batch["generators"]
     b, schedule = x.shape[0], models.schedule
     gamma, sigma = draw_fusion(batch["fusion_generator"])                                   # 1.
-    words, tokens = models.adapters(image_states(models, x))                                 # 2.
+    words, tokens = models.adapters(image_states(models, reference_faces(x, masks)))         # 2.
     context = encode_with_words(models.tokenizer, models.text_encoder, [TRAIN_PROMPT] * b, words)  # 3.
     z0 = latents_of(batch, models)                                                           # 4.
     t = draw_timesteps(gens, schedule, z0.device)
@@ -216,9 +219,11 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 def photoverse_config(cfg) -> PhotoVerseConfig:
-    """The architecture part of the training config; LoRA alpha defaults to 1 [paper] (train.py's methods use rank)."""
+    """The architecture part of the training config. LoRA alpha defaults (None) to the rank, so the update's scale
+    alpha / rank is 1: the paper's K = W_k + alpha dW with alpha = 1 [paper] (`sample.py --lora_scale` sets it at
+    inference, where the paper tunes it)."""
     return PhotoVerseConfig(vision_layers=parse_layers(cfg.vision_layers), adapter_dim=cfg.adapter_dim, rank=cfg.rank,
-                            lora_alpha=1.0 if cfg.lora_alpha is None else cfg.lora_alpha, resolution=cfg.resolution)
+                            lora_alpha=cfg.lora_alpha, resolution=cfg.resolution)
 
 
 def check_pretrain_config(cfg) -> FaceFolder:
@@ -238,6 +243,8 @@ def check_pretrain_config(cfg) -> FaceFolder:
         raise ValueError(f"--weight_dtype must be auto, float32, float16 or bfloat16, got '{cfg.weight_dtype}'")
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
+    if cfg.lora_init not in INITS:
+        raise ValueError(f"--lora_init must be one of {', '.join(INITS)}, got '{cfg.lora_init}'")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "rank", "adapter_dim"):
         if getattr(cfg, name) < 1:
@@ -307,7 +314,7 @@ def pretrain(cfg) -> PhotoVerseModels:
                     "bfloat16": torch.bfloat16}[cfg.weight_dtype]
     for m in (sd.unet, sd.vae, sd.text_encoder, vision) + ((identity.model,) if identity else ()):
         m.to(frozen_dtype)
-    models = attach(sd, vision, config, identity)
+    models = attach(sd, vision, config, identity, cfg.lora_init)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     models.vae.gradient_checkpointing = cfg.gradient_checkpointing   # L_face decodes x_hat with gradients
     models.unet.train()
@@ -369,7 +376,7 @@ def pretrain(cfg) -> PhotoVerseModels:
     while step < cfg.max_train_steps:
         finite = True
         for micro in range(cfg.gradient_accumulation_steps):
-            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            with autocast(device, half):
                 loss, logs = photoverse_loss(draw_batch(micro), models, cfg)
             finite = finite and bool(torch.isfinite(loss.detach()))
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
@@ -395,7 +402,7 @@ def pretrain(cfg) -> PhotoVerseModels:
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()                  # the first face of the folder, as a user would give one
             prompts = [cfg.validation_prompt] * cfg.num_validation_images
-            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            with autocast(device, half):
                 images = generate(models, load_image(faces.paths[0]), prompts, seed=cfg.seed, steps=cfg.sample_steps,
                                   height=cfg.resolution, width=cfg.resolution, progress=False)
             grid = out / "validation" / f"step-{step:06d}.png"

@@ -125,30 +125,36 @@ def write_result_info(folder, info: dict) -> None:
     atomic_write(Path(folder) / RESULT_INFO, lambda p: p.write_text(json.dumps(info, indent=2)))
 
 
-def add_token(models: SDModels, token: str, vector: torch.Tensor, encoder: str = "text_encoder") -> int:
-    """Add a word to the tokenizer and its row `vector` to the text encoder's embedding table (Textual
-    Inversion); `encoder="text_encoder_2"`: SDXL's second pair. Returns the new token id."""
+def add_token(models: SDModels, token: str, vector: torch.Tensor, encoder: str = "text_encoder") -> list[int]:
+    """Add a word to the tokenizer and its row `vector` (d,) to the text encoder's embedding table (Textual
+    Inversion); `encoder="text_encoder_2"`: SDXL's second pair. A (n, d) `vector` is a multi-vector token, written
+    as n tokens wherever the word is (CLIPTokenizer.add_vectors). Returns the new token ids."""
     tokenizer, text_encoder = getattr(models, encoder.replace("text_encoder", "tokenizer")), getattr(models, encoder)
-    token_id = tokenizer.add_token(token)
+    rows = vector.reshape(-1, vector.shape[-1])
+    ids = tokenizer.add_vectors(token, rows.shape[0])
     embeddings = text_encoder.text_model.embeddings
     old = embeddings.token_embedding.weight
-    table = torch.nn.Embedding(old.shape[0] + 1, old.shape[1], device=old.device, dtype=old.dtype)
+    table = torch.nn.Embedding(old.shape[0] + len(ids), old.shape[1], device=old.device, dtype=old.dtype)
     with torch.no_grad():
-        table.weight[:-1] = old
-        table.weight[token_id] = vector.to(old)
+        table.weight[:old.shape[0]] = old
+        table.weight[ids] = rows.to(old)
     embeddings.token_embedding = table
     text_encoder.config = dataclasses.replace(text_encoder.config, vocab_size=table.weight.shape[0])
-    return token_id
+    return ids
 
 
 SDXL_EMBEDDINGS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # A1111's SDXL embeddings (diffusers reads)
 
 
 def add_embeddings(models: SDModels, embeddings: dict[str, torch.Tensor], tokens: list[str]) -> None:
-    """A Textual Inversion file into the models: {token: (d,)} (SD1/2, diffusers' learned_embeds), or SDXL's
-    {"clip_l": (n, 768), "clip_g": (n, 1280)}, one row per token of `tokens` in each encoder."""
+    """A Textual Inversion file into the models: {token: (d,) or (n, d)} (SD1/2, diffusers' learned_embeds), or
+    SDXL's {"clip_l": (n, 768), "clip_g": (n, 1280)}: one row per token of `tokens` in each encoder, or, for one
+    token, its n vectors."""
     if set(embeddings) == set(SDXL_EMBEDDINGS):
         for key, encoder in SDXL_EMBEDDINGS.items():
+            if len(tokens) == 1:
+                add_token(models, tokens[0], embeddings[key], encoder)
+                continue
             for token, vector in zip(tokens, embeddings[key]):
                 add_token(models, token, vector, encoder)
         return
@@ -167,8 +173,10 @@ def load_trained(name_or_path, dtype=torch.float32, device="cpu") -> SDModels:
     if "lora" in info:
         from lora import load_lora
         load_lora(folder / info["lora"], {"unet": models.unet, **models.text_encoders})
-    if "embeddings" in info:
-        add_embeddings(models, read_safetensors(folder / info["embeddings"])[0], info.get("tokens", []))
+    if "embeddings" in info:                  # one file, or one per token (diffusers reads one token per file)
+        files = [info["embeddings"]] if isinstance(info["embeddings"], str) else info["embeddings"]
+        for file in files:
+            add_embeddings(models, read_safetensors(folder / file)[0], info.get("tokens", []))
     return models
 
 
@@ -264,6 +272,8 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
     """Generate one image per prompt. Returns PIL images (output="pil") or the decoded tensor in [-1, 1]. `seed`: one
     seed for the batch (diffusers' `generator=Generator().manual_seed(seed)`), or one per image."""
     check_settings(height, width, steps, guidance, sampler)
+    # The parts may hold different dtypes (train.py keeps what trains float32 and casts frozen parts to the
+    # mixed-precision dtype), so each input is cast to the dtype of the part that reads it.
     device, dtype = models.device, next(models.unet.parameters()).dtype
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     cond, uncond = text_conditioning(models, prompts), None
@@ -275,6 +285,7 @@ def generate(models: SDModels, prompts: list[str], negative_prompt: str | list[s
         ids = time_ids((height, width), (0, 0), (height, width), len(prompts)).to(device, dtype)
         for c in filter(None, (cond, uncond)):
             c["time_ids"] = ids
+    cond, uncond = ({k: v.to(dtype) for k, v in c.items()} if c else None for c in (cond, uncond))
     if latents is None:
         latents = initial_latents(len(prompts), height, width, seed, factor=models.vae.factor)
     generator = generators(seed)                # only DDPM and DDIM with eta > 0 draw more noise
@@ -348,12 +359,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights' dtype")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--lora", default=None, help="a LoRA file or folder written by train.py")
+    p.add_argument("--lora_scale", type=float, default=None, help="the LoRA update's weight at inference (default: "
+                   "as trained, alpha / rank; 0 = the base model); photoverse: the paper's alpha in K = W + alpha dW")
     p.add_argument("--out", default="samples", help="output folder; a folder that holds images gets a new numbered "
                    "set beside them")
     p.add_argument("--method", default="text2image", choices=["text2image", "photoverse"],
                    help="photoverse: one face image conditions the images (photoverse.py)")
     p.add_argument("--adapter", help="photoverse: the adapter checkpoint (photoverse.safetensors or its folder)")
     p.add_argument("--face", help="photoverse: one face image; the prompt names the person S*")
+    p.add_argument("--face_mask", help="photoverse: the face region of --face (white = face): the adapters then see "
+                   "its 1.3x crop with the rest masked, as in pretraining with masks or boxes")
     p.add_argument("--gamma", type=float, default=1.0, help="photoverse: weight of the text branch")
     p.add_argument("--sigma", type=float, default=1.0, help="photoverse: weight of the image branch")
     p.add_argument("--num_words", type=int, default=1, help="photoverse: pseudo-words that replace S*")
@@ -416,6 +431,12 @@ def main(argv=None) -> list[Path]:
     if args.lora:
         from lora import load_lora, lora_file
         load_lora(lora_file(args.lora), {"unet": models.unet, **models.text_encoders})
+    if args.lora_scale is not None:
+        from lora import lora_layers, set_lora_scale
+        if not any(lora_layers(m) for m in (models.unet, *models.text_encoders.values())):
+            raise ValueError("--lora_scale needs a LoRA: --lora FILE, or a --model folder train.py wrote with a LoRA")
+        for m in (models.unet, *models.text_encoders.values()):
+            set_lora_scale(m, args.lora_scale)
     warn_long_prompts(models.tokenizer, prompts)
     size = models.unet.config.sample_size * models.vae.factor
     height = size if args.height is None else args.height
@@ -425,8 +446,9 @@ def main(argv=None) -> list[Path]:
     def make_images(batch, latents, seeds):
         return generate(models, batch, args.negative_prompt, seed=seeds, steps=args.steps, guidance=args.guidance,
                         sampler=args.sampler, eta=args.eta, height=height, width=width, latents=latents)
-    return write_images(args, prompts, height, width, make_images, {"model": str(args.model), "lora": str(args.lora or "")},
-                        models.vae.factor)
+    meta = {"model": str(args.model), "lora": str(args.lora or ""),
+            **({"lora_scale": args.lora_scale} if args.lora_scale is not None else {})}
+    return write_images(args, prompts, height, width, make_images, meta, models.vae.factor)
 
 
 A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "dpmpp": "DPM++ 2M", "euler": "Euler"}   # the names A1111 shows for ours

@@ -113,6 +113,7 @@ class CLIPTokenizer:
         self.ranks = {tuple(m): i for i, m in enumerate(merges)}  # lower rank = merged earlier
         self.pad_token, self.max_length = pad_token, max_length   # 77: CLIP's context length
         self.added: list[str] = []  # whole-word tokens from add_token (Textual Inversion), after the vocab
+        self.vectors: dict[str, list[str]] = {}  # a multi-vector token -> the tokens written in its place
         self.cache: dict[str, list[str]] = {}
         self._update_specials()
 
@@ -166,7 +167,7 @@ class CLIPTokenizer:
         ids = [self.bos_token_id]
         for n, chunk in enumerate(self.specials.split(text)):
             if n % 2:  # re.split puts the matched specials at odd positions
-                ids.append(self.vocab[chunk])
+                ids += [self.vocab[t] for t in self.vectors.get(chunk, [chunk])]
                 continue
             for word in word_pattern().findall(clean(chunk)):
                 ids += [self.vocab[s] for s in self.bpe("".join(byte_char[b] for b in word.encode("utf-8")))]
@@ -213,6 +214,16 @@ class CLIPTokenizer:
         self.added.append(word)
         self._update_specials()
         return i
+
+    def add_vectors(self, word: str, n: int) -> list[int]:
+        """A Textual Inversion token of n vectors: `word`, `word_1`, ..., `word_{n-1}` added (diffusers' names), and
+        `word` in a text stands for all n (as diffusers' `maybe_convert_prompt` rewrites "<cat>" as
+        "<cat> <cat>_1 <cat>_2"). Returns their ids; n = 1 is `add_token`."""
+        names = [word] + [f"{word}_{i}" for i in range(1, n)]
+        ids = [self.add_token(w) for w in names]
+        if n > 1:
+            self.vectors[word] = names
+        return ids
 
     # ------------------------------------------------------------------------- loading and saving
 

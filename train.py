@@ -21,6 +21,7 @@ the trainable set (here) and the loss (losses.py). Two methods add a little to t
 rows in each batch (`draw_fusion_rows`), and the object-driven method's stage 1 before it (`prototypical_stage`).
 """
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -43,9 +44,9 @@ import checkpoint
 import cli
 from data import list_images, load_image, png_text, prepare, prepare_with_crop
 from hub import ModelLoadError, atomic_write, looks_like_path, read_json, read_safetensors
-from lora import inject_lora, load_lora, save_lora, save_lora_kohya
+from lora import INITS, inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
-from methods import (DEFAULT_CLIP, TI_TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
+from methods import (DEFAULT_CLIP, TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
 from sample import (DEFAULT_MODEL, RESULT_INFO, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate,
                     load_models, make_grid, save_models, save_png, text_conditioning, time_ids, warn_long_prompts,
@@ -56,6 +57,11 @@ PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pr
 METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse", *PRETRAIN)
 DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # methods.md section 1
               "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
+# Defaults that differ by method, applied by parse_args unless the flag is given. Textual Inversion: diffusers' recipe
+# (examples/textual_inversion: lr 5e-4 scaled by batch x accumulation x processes, so 2e-3 on one GPU, accumulation 4,
+# 3000 steps, random flips, no gradient clipping)
+METHOD_DEFAULTS = {"textual_inversion": dict(scale_lr=True, gradient_accumulation_steps=4, max_train_steps=3000,
+                                             random_flip=True, max_grad_norm=0.0)}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -78,6 +84,7 @@ class TrainConfig:
     center_crop: bool = False                # crop the centre of each photo (else a random crop per step)
     random_flip: bool = False                # mirror each photo with probability 0.5
     learning_rate: float | None = None       # peak learning rate (None: the method's default, DEFAULT_LR)
+    scale_lr: bool = False                   # learning rates x batch x accumulation x processes (diffusers' --scale_lr)
     lr_scheduler: str = "constant"           # constant, constant_with_warmup, linear or cosine
     lr_warmup_steps: int = 0                 # linear warm-up steps of the learning rate
     max_train_steps: int = 800               # optimizer steps
@@ -91,7 +98,8 @@ class TrainConfig:
     adam_beta2: float = 0.999                # AdamW beta2, in [0, 1)
     adam_weight_decay: float = 1e-2          # AdamW decoupled weight decay, >= 0
     adam_epsilon: float = 1e-8               # AdamW epsilon, > 0
-    max_grad_norm: float = 1.0               # clip the gradient's global norm to this (> 0)
+    max_grad_norm: float = 1.0               # clip the gradient's global norm to this (0: no clipping; new token
+                                             # rows are clipped alone, the frozen rows' gradients dropped first)
     snr_gamma: float | None = None           # Min-SNR loss weighting gamma, such as 5 (None: off) [ours]
     noise_offset: float = 0.0                # noise offset added to the training noise, >= 0 (0: off) [ours]
     checkpointing_steps: int = 500           # write a checkpoint every N steps (and at the end)
@@ -119,9 +127,13 @@ class TrainConfig:
     # LoRA (--method dreambooth_lora, objectdriven, photoverse)
     rank: int = 4                            # LoRA rank r
     lora_alpha: float | None = None          # LoRA alpha; scale = alpha / rank (None: = rank, diffusers' default)
+    lora_init: str = "gaussian"              # LoRA A's init: gaussian, N(0, (1/rank)^2) (diffusers' DreamBooth-LoRA),
+                                             # or kaiming (nn.Linear's Kaiming-uniform: peft's default, kohya's)
     # Textual Inversion (--method textual_inversion; objectdriven's one-image form)
     placeholder_token: str = "<sks>"         # the new word that is learned
     initializer_token: str = "dog"           # the word its embedding starts from (object-driven: the class noun)
+    num_vectors: int = 1                     # embedding vectors of the token (diffusers' --num_vectors)
+    learnable_property: str = "object"       # object or style: which prompt templates (diffusers' recipe)
     # ComFusion (--method comfusion, methods.md section 2); its four loss weights are instance_loss_weight,
     # prior_loss_weight (the class-scene prior), visual_loss_weight and textual_loss_weight [ours: 1, 1, 0.1, 0.1]
     scenes: str | None = None                # text file, one scene phrase per line (None: DEFAULT_SCENES)
@@ -180,10 +192,12 @@ def parse_args(argv=None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         p.set_defaults(**DEMO)
+    p.set_defaults(**METHOD_DEFAULTS.get(p.parse_known_args(argv)[0].method, {}))
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
 METHOD_OPTIONS = {  # options only some methods read: giving one to another method is a mistake, not a no-op
+    "textual_inversion": ("num_vectors", "learnable_property"),
     "comfusion": ("scenes", "num_scene_images", "tau_min", "tau_max", "fusion_steps", "fusion_every",
                   "fusion_guidance", "instance_loss_weight", "visual_loss_weight", "textual_loss_weight",
                   "dino_model", "clip_model"),
@@ -198,10 +212,9 @@ RANGES = {  # every number of TrainConfig and the values it may take (None, wher
     ">= 1": ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
              "checkpoints_total_limit", "validation_steps", "num_validation_images", "sample_steps", "resolution",
              "rank", "num_class_images", "class_sample_steps", "num_scene_images", "fusion_steps", "fusion_every",
-             "pe_steps", "adapter_dim"),
-    "> 0": ("learning_rate", "text_encoder_lr", "adam_epsilon", "max_grad_norm", "snr_gamma", "lora_alpha", "pe_lr",
-            "token_lr"),
-    ">= 0": ("prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "noise_offset", "seed", "tau_min", "tau_max",
+             "pe_steps", "adapter_dim", "num_vectors"),
+    "> 0": ("learning_rate", "text_encoder_lr", "adam_epsilon", "snr_gamma", "lora_alpha", "pe_lr", "token_lr"),
+    ">= 0": ("max_grad_norm", "prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "noise_offset", "seed", "tau_min", "tau_max",
              "fusion_guidance", "instance_loss_weight", "visual_loss_weight", "textual_loss_weight",
              "face_loss_weight", "word_reg_weight", "value_reg_weight", "face_loss_max_timestep"),
     "[0, 1)": ("adam_beta1", "adam_beta2"),
@@ -343,6 +356,10 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError("--cache_latents needs --center_crop (a random crop cannot be cached)")
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
+    if cfg.learnable_property not in TEMPLATES:
+        raise ValueError(f"--learnable_property must be object or style, got '{cfg.learnable_property}'")
+    if cfg.lora_init not in INITS:
+        raise ValueError(f"--lora_init must be one of {', '.join(INITS)}, got '{cfg.lora_init}'")
     check_method_options(cfg)
     if cfg.export not in ("none", "kohya", "single_file"):
         raise ValueError(f"--export must be none, kohya or single_file, got '{cfg.export}'")
@@ -378,12 +395,21 @@ LR_SCHEDULES = {  # multiplier of the base learning rate at optimizer step s (wa
 }
 
 
+def autocast(device, half: torch.dtype | None):
+    """Mixed precision (--mixed_precision fp16 / bf16): the training step and every image made during a run (validation,
+    class images) run under torch.autocast in that dtype, so parts held in different dtypes (what trains float32, the
+    frozen parts half) meet in one precision. A no-op without mixed precision."""
+    return torch.autocast(torch.device(device).type, dtype=half or torch.float32, enabled=half is not None)
+
+
 def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: int = 1, prompt: str | None = None,
                       folder=None, count: int | None = None) -> list[Path]:
     """Prior images of `prompt` (default --class_prompt) in `folder` (--class_data_dir), `count` of them
     (--num_class_images): generated once by the frozen model, reused, topped up. DreamBooth's class images,
     ComFusion's class-scene images, the object-driven class images. Image i uses seed cfg.seed + i (so a top-up
-    gives the images one run would have) and is made by rank i % world (so N processes share the work)."""
+    gives the images one run would have) and is made by rank i % world (so N processes share the work). They are
+    drawn at the model's native size (UNet sample_size x the VAE factor, as diffusers' pipeline draws them), not at
+    --resolution: the data pipeline resizes them as it resizes the instance photos."""
     prompt = cfg.class_prompt if prompt is None else prompt
     count = cfg.num_class_images if count is None else count
     folder = Path(cfg.class_data_dir if folder is None else folder)
@@ -393,9 +419,12 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
     todo = [i for i in range(len(have), count) if i % world == rank]
     if todo:
         print(f"generating {count - len(have)} class images for '{prompt}' into {folder}")
+    native = models.unet.config.sample_size
+    size = native * models.vae.factor if native else cfg.resolution    # a config without sample_size: --resolution
     for i in tqdm(todo, desc="class images", disable=not todo):
-        image = generate(models, [prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps,
-                         height=cfg.resolution, width=cfg.resolution, progress=False)[0]
+        with autocast(models.device, HALF.get(cfg.mixed_precision)):
+            image = generate(models, [prompt], seed=cfg.seed + i, steps=cfg.class_sample_steps, height=size,
+                             width=size, progress=False)[0]
         save_png(image, folder / f"class_{i:05d}.png", {"prompt": prompt, "seed": cfg.seed + i})
     if world > 1:
         dist.barrier()
@@ -449,19 +478,22 @@ def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] |
             groups.append({"params": list(encoder.parameters()), "lr": text_lr})
     if cfg.method in ("dreambooth_lora", "objectdriven"):              # LoRA on the attention projections
         alpha = cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha
-        inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha)
+        inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha, init=cfg.lora_init)
         groups.append({"params": lora_params(models.unet), "lr": lr})
         for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
-            inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha)
+            inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha,
+                        init=cfg.lora_init)
             groups.append({"params": lora_params(encoder), "lr": text_lr})
     if tokens:                                                         # new rows of the embedding table
         for token, words in tokens.items():
             init = models.tokenizer.encode(words)[1:-1]
             if cfg.method == "textual_inversion" and len(init) != 1:
                 raise ValueError(f"--initializer_token '{words}' must be a single CLIP token, it is {len(init)}")
+            n = cfg.num_vectors if cfg.method == "textual_inversion" else 1
             for name, encoder in models.text_encoders.items():         # SDXL: a row in each encoder
                 table = encoder.text_model.embeddings.token_embedding.weight
-                add_token(models, token, table[init].mean(0).detach().clone(), name)  # several words: their mean [ours]
+                vector = table[init].mean(0).detach().clone()          # several words: their mean [ours]
+                add_token(models, token, vector.expand(n, -1) if n > 1 else vector, name)  # n vectors: the same row
         tables = [e.text_model.embeddings.token_embedding.weight for e in models.text_encoders.values()]
         for table in tables:
             table.requires_grad_(True)
@@ -478,28 +510,45 @@ def lora_params(model) -> list[torch.nn.Parameter]:
 
 
 def token_ids(models: SDModels, tokens) -> list[int]:
-    return [models.tokenizer.encode(t)[1] for t in tokens]
+    """The embedding rows of the new tokens (a multi-vector token has several)."""
+    return [i for t in tokens for i in models.tokenizer.encode(t)[1:-1]]
 
 
-def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, inputs: Inputs) -> None:
-    """The method's output, the same for checkpoints and the final folder, so both can be sampled from."""
+def embedding_files(tokens) -> dict[str, str]:
+    """token -> the file its learned embedding is written to: learned_embeds.safetensors for one token, one file per
+    token for several (diffusers' load_textual_inversion reads one token per file)."""
+    tokens = list(tokens)
+    if len(tokens) == 1:
+        return {tokens[0]: "learned_embeds.safetensors"}
+    return {t: f"learned_embeds-{i}.safetensors" for i, t in enumerate(tokens, start=1)}
+
+
+def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, inputs: Inputs,
+                 full_copies: dict | None = None) -> None:
+    """The method's output, the same for checkpoints and the final folder, so both can be sampled from.
+    `full_copies`: float32 CPU copies of frozen parts the run holds in half precision, written in their place (a
+    full model keeps its VAE and text encoder as loaded; diffusers' script re-reads them from the base model)."""
     files = {}
-    if cfg.method in ("dreambooth", "comfusion"):
-        save_models(models, folder)                                    # a complete diffusers model folder
+    if cfg.method in ("dreambooth", "comfusion"):                      # a complete diffusers model folder
+        save_models(dataclasses.replace(models, **(full_copies or {})), folder)
     if cfg.method in ("dreambooth_lora", "objectdriven"):
         parts = {"unet": models.unet, **(models.text_encoders if cfg.train_text_encoder else {})}
         save_lora(folder / "pytorch_lora_weights.safetensors", parts)
         files["lora"] = "pytorch_lora_weights.safetensors"
     if inputs.tokens:                                                  # diffusers' load_textual_inversion format
-        ids = token_ids(models, inputs.tokens)
-        rows = {name: e.text_model.embeddings.token_embedding.weight[ids].detach().float().cpu().clone()
-                for name, e in models.text_encoders.items()}
-        if models.text_encoder_2 is None:
-            embeds = dict(zip(inputs.tokens, rows["text_encoder"]))
+        tables = {name: e.text_model.embeddings.token_embedding.weight for name, e in models.text_encoders.items()}
+        if models.text_encoder_2 is None:                              # {token: (d,) or (n, d)}, a file per token
+            for token, file in embedding_files(inputs.tokens).items():
+                rows = tables["text_encoder"][token_ids(models, [token])].detach().float().cpu().clone()
+                embeds = {token: rows[0] if len(rows) == 1 else rows}
+                atomic_write(folder / file, lambda p: save_file(embeds, str(p)))
+            names = list(embedding_files(inputs.tokens).values())
+            files["embeddings"] = names[0] if len(names) == 1 else names
         else:                                                          # SDXL: A1111's clip_l / clip_g, (n, d) each
-            embeds = {key: rows[name] for key, name in SDXL_EMBEDDINGS.items()}
-        atomic_write(folder / "learned_embeds.safetensors", lambda p: save_file(embeds, str(p)))
-        files["embeddings"] = "learned_embeds.safetensors"
+            ids = token_ids(models, inputs.tokens)
+            embeds = {key: tables[name][ids].detach().float().cpu().clone() for key, name in SDXL_EMBEDDINGS.items()}
+            atomic_write(folder / "learned_embeds.safetensors", lambda p: save_file(embeds, str(p)))
+            files["embeddings"] = "learned_embeds.safetensors"
         files["tokens"] = list(inputs.tokens)
     if cfg.method in ("comfusion", "objectdriven"):                    # what the loss was trained against
         files["loss_encoders"] = {"clip": DEFAULT_CLIP[cfg.method] if cfg.clip_model is None else cfg.clip_model,
@@ -531,13 +580,13 @@ def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs
         if cfg.method in ("dreambooth_lora", "objectdriven"):
             load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
         if inputs.tokens:
-            rows = read_safetensors(folder / "learned_embeds.safetensors")[0]
-            ids = token_ids(models, inputs.tokens)
             with torch.no_grad():
                 if models.text_encoder_2 is None:
-                    for token, i in zip(inputs.tokens, ids):
-                        models.text_encoder.text_model.embeddings.token_embedding.weight[i] = rows[token]
+                    for token, file in embedding_files(inputs.tokens).items():
+                        rows = read_safetensors(folder / file)[0][token]
+                        models.text_encoder.text_model.embeddings.token_embedding.weight[token_ids(models, [token])] = rows
                 else:
+                    rows, ids = read_safetensors(folder / "learned_embeds.safetensors")[0], token_ids(models, inputs.tokens)
                     for key, name in SDXL_EMBEDDINGS.items():
                         models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
     except (RuntimeError, KeyError) as e:       # load_state_dict lists every mismatched tensor: keep the first
@@ -630,8 +679,11 @@ def train(cfg: TrainConfig) -> SDModels:
         pe_logs = prototypical_stage(models, encoders.pop("clip"), inputs.objects, cfg)
     frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[cfg.weight_dtype]
-    for m in (models.unet, models.vae, *models.text_encoders.values()):
+    full_copies = {}                            # full-model outputs write the frozen parts float32, as loaded
+    for name, m in {"unet": models.unet, "vae": models.vae, **models.text_encoders}.items():
         if not any(p.requires_grad for p in m.parameters()):
+            if is_main and cfg.method in ("dreambooth", "comfusion") and frozen_dtype != torch.float32:
+                full_copies[name] = copy.deepcopy(m).cpu()
             m.to(frozen_dtype)
     if models.vae.config.force_upcast:          # SDXL's VAE overflows in float16: float32, as diffusers' SDXL script
         models.vae.float()
@@ -641,6 +693,7 @@ def train(cfg: TrainConfig) -> SDModels:
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     for encoder in models.text_encoders.values():
         encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
+    models.vae.gradient_checkpointing = cfg.gradient_checkpointing and cfg.method == "comfusion"  # the fusion stream
     trained = {name: m for name, m in {"unet": models.unet, **models.text_encoders}.items()
                if any(p.requires_grad for p in m.parameters())}
     if world > 1:                               # DDP averages the gradients of the trained models across ranks
@@ -671,6 +724,9 @@ def train(cfg: TrainConfig) -> SDModels:
                     latent_cache[(id(im), flip)] = (dist_.mean * s, dist_.std * s, crop)
 
     # 3. optimizer and learning-rate schedule (AdamW, Loshchilov & Hutter 2019; settings from methods.md)
+    if cfg.scale_lr:                            # diffusers' --scale_lr: the rate of the whole (global) batch
+        for g in groups:
+            g["lr"] *= cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                   eps=cfg.adam_epsilon)
     shape = LR_SCHEDULES[cfg.lr_scheduler]
@@ -717,8 +773,9 @@ def train(cfg: TrainConfig) -> SDModels:
         for (kind, _), g in zip(ids, gens):
             im, prompt = pools[kind][int(torch.randint(len(pools[kind]), (1,), generator=g))]
             flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
-            if cfg.method == "textual_inversion":
-                prompt = TI_TEMPLATES[int(torch.randint(len(TI_TEMPLATES), (1,), generator=g))].format(cfg.placeholder_token)
+            if cfg.method == "textual_inversion":               # a random template of --learnable_property
+                templates = TEMPLATES[cfg.learnable_property]
+                prompt = templates[int(torch.randint(len(templates), (1,), generator=g))].format(cfg.placeholder_token)
             prompts.append(prompt)
             if id(im) in masks:                 # replays the image's crop draws: the same crop of the same size
                 replay = torch.Generator().set_state(g.get_state())
@@ -764,12 +821,15 @@ def train(cfg: TrainConfig) -> SDModels:
                 if world > 1 and micro < cfg.gradient_accumulation_steps - 1:   # all-reduce once per step
                     for m in trained.values():
                         no_sync.enter_context(m.no_sync())
-                with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                with autocast(device, half):
                     loss, logs = loss_fn(draw_batch(micro), train_models, cfg)
                 finite = finite and bool(torch.isfinite(loss.detach()))
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        for table in tables if inputs.tokens else ():                  # only the new rows train: drop the rest,
+            if table.grad is not None:                                 # so clipping measures the trained rows alone
+                table.grad[keep] = 0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))   # 0: no clip
         stop_if_diverged(finite, grad_norm, scaler.is_enabled(), cfg, step + 1, logs, log_file, world, device)
         scaler.step(optimizer)
         scaler.update()
@@ -794,13 +854,15 @@ def train(cfg: TrainConfig) -> SDModels:
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
                      "scaler": scaler.state_dict(), "config": settings_record(cfg)}
-            saved = checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs), state,
+            saved = checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs, full_copies),
+                                               state,
                                                cfg.checkpoints_total_limit)
             bar.write(f"step {step}: checkpoint {saved}")
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             models.unet.eval()
-            images = generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed,
-                              steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution, progress=False)
+            with autocast(device, half):
+                images = generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed,
+                                  steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution, progress=False)
             grid = out / "validation" / f"step-{step:06d}.png"
             save_png(make_grid(images), grid, {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
             bar.write(f"step {step}: validation grid {grid}")
@@ -810,8 +872,8 @@ def train(cfg: TrainConfig) -> SDModels:
     # 6. the final output: the same files as a checkpoint, at the top of the output folder
     if is_main:
         log_file.close()
-        write_result(out, models, cfg, step, inputs)
-        export_result(out, models, cfg)
+        write_result(out, models, cfg, step, inputs, full_copies)
+        export_result(out, dataclasses.replace(models, **full_copies), cfg)
         print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
     if world > 1:
         dist.barrier()

@@ -147,8 +147,9 @@ class MidBlock(nn.Module):
 
 
 def run(block, x, checkpointed: bool):
-    """block(x), or the same with its activations recomputed in the backward pass to save memory."""
-    return checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+    """block(x), or the same with its activations recomputed in the backward pass to save memory (only when a
+    graph is built: under no_grad there is nothing to save)."""
+    return checkpoint(block, x, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x)
 
 
 # ----------------------------------------------------------------------------- encoder and decoder

@@ -50,7 +50,7 @@ METHODS = {
     "dreambooth_lora": ("sks", ["--instance_data_dir", "{subject}", "--instance_prompt", "a sks {cls}",
                                 "--learning_rate", "1e-3", "--rank", "8", *PRIOR]),
     "textual_inversion": ("<sks>", ["--instance_data_dir", "{subject}", "--placeholder_token", "<sks>",
-                                    "--initializer_token", "{cls}", "--learning_rate", "5e-3"]),
+                                    "--initializer_token", "{cls}"]),    # diffusers' recipe: 5e-4 x 2 x 4
     "comfusion": ("sks", ["--instance_data_dir", "{subject}", "--instance_prompt", "a sks {cls}", "--class_prompt",
                           "a {cls}", "--class_data_dir", "{classes}-scenes", "--scenes", "{scenes}",
                           "--num_scene_images", "4", "--class_sample_steps", "25", "--learning_rate", "5e-5",

@@ -154,6 +154,24 @@ def test_cli_run_scene_images_resume_and_sampling(tiny_sd1, encoder_dirs, tmp_pa
                          "--steps", "2", "--out", str(tmp_path / "samples"), "--device", "cpu"])
     assert len(paths) == 1 and Image.open(paths[0]).size == (128, 128)
 
+
+def test_gradient_checkpointing_reaches_the_vae_decoder_of_the_fusion_stream(tiny_sd1, encoder_dirs, tmp_path,
+                                                                             monkeypatch):
+    """The fusion stream backpropagates through the frozen VAE decoder: --gradient_checkpointing recomputes its blocks
+    too (and only where a graph is built: the encoder runs under no_grad)."""
+    import vae
+    calls = []
+    real = vae.checkpoint
+    monkeypatch.setattr(vae, "checkpoint", lambda block, *a, **k: calls.append(type(block).__name__) or real(block, *a, **k))
+    (tmp_path / "scenes.txt").write_text("in a garden\n")
+    run = ["--scenes", tmp_path / "scenes.txt", "--max_train_steps", "1"]
+    train.main(argv(tiny_sd1, tmp_path / "plain", encoder_dirs, *run))
+    assert calls == []
+    train.main(argv(tiny_sd1, tmp_path / "ckpt", encoder_dirs, *run, "--gradient_checkpointing"))
+    assert "UpDecoderBlock" in calls and "DownEncoderBlock" not in calls, calls
+    plain, ckpt = logs(tmp_path / "plain")[0], logs(tmp_path / "ckpt")[0]
+    assert plain["loss"] == pytest.approx(ckpt["loss"], abs=1e-6)                  # the same step, recomputed
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -4,6 +4,7 @@ and our LoRA files round-trip and load in diffusers (peft) with the same outputs
 Reference models are diffusers' tiny UNet2DConditionModel (same module names as ours) and a tiny
 transformers CLIPTextModel."""
 import copy
+import math
 import json
 
 import pytest
@@ -287,3 +288,25 @@ def test_pipeline_load_lora_weights_reads_unet_and_text_encoder(tmp_path, inputs
     with torch.no_grad():
         assert torch.equal(fresh_text.text_model(ids).last_hidden_state, ours)
     assert torch.equal(run(fresh_unet, inputs), run(unet, inputs))
+
+
+@pytest.mark.parametrize("init, peft_init", [("gaussian", "gaussian"), ("kaiming", True)])
+def test_a_init_std_is_diffusers_gaussian_by_default_and_kaiming_as_an_option(init, peft_init):
+    """A's std at init: gaussian 1/r (diffusers' train_dreambooth_lora.py: peft init_lora_weights="gaussian"),
+    kaiming 1/sqrt(3 in) (nn.Linear's default: peft's own default, kohya's); B = 0 in both. peft's layer of the
+    same shape is the reference."""
+    from peft import LoraConfig, get_peft_model
+    rank, d_in = 4, 1024
+    torch.manual_seed(0)
+    ours = LoRALinear(nn.Linear(d_in, 320), rank=rank, **({} if init == "gaussian" else {"init": init}))
+    expected = 1 / rank if init == "gaussian" else 1 / math.sqrt(3 * d_in)        # 0.25, 0.018
+    assert ours.lora_A.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert (ours.lora_B.weight == 0).all()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, 320))
+    theirs = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=peft_init, target_modules=["0"]))
+    peft_A = theirs.base_model.model[0].lora_A["default"].weight
+    assert ours.lora_A.weight.std().item() == pytest.approx(peft_A.std().item(), rel=0.05)
+    assert inject_lora(tiny_unet(), rank=rank) and inject_lora(tiny_unet(), rank=rank, init="kaiming")
+    with pytest.raises(ValueError, match="init must be one of"):
+        LoRALinear(nn.Linear(4, 4), init="uniform")

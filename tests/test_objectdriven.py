@@ -174,8 +174,10 @@ def test_two_objects_from_the_cli_then_sample(tiny_sd1, clip_dir, two_objects, t
     info = json.loads((out / "nanobooth.json").read_text())
     assert info["method"] == "objectdriven" and info["instance_prompt"] == "a photo of <o1> dog and <o2> table"
     assert info["loss_encoders"] == {"clip": str(clip_dir)}
-    embeds = load_file(out / info["embeddings"])
-    assert sorted(embeds) == ["<o1>", "<o2>"]
+    assert info["embeddings"] == ["learned_embeds-1.safetensors", "learned_embeds-2.safetensors"]  # one per token
+    files = [load_file(out / name) for name in info["embeddings"]]
+    assert [list(f) for f in files] == [["<o1>"], ["<o2>"]]
+    embeds = {k: v for f in files for k, v in f.items()}
     lora = load_file(out / info["lora"])
     assert lora and all(k.startswith("unet.") and ".lora_" in k for k in lora)
     # class-characterizing prior: one folder per class, made by the frozen model from "a photo of {class}"
@@ -198,6 +200,19 @@ def test_two_objects_from_the_cli_then_sample(tiny_sd1, clip_dir, two_objects, t
     table = loaded.text_encoder.text_model.embeddings.token_embedding.weight
     for token in ("<o1>", "<o2>"):
         assert torch.equal(table[loaded.tokenizer.encode(token)[1]], embeds[token])
+    # diffusers reads the files (it refuses one file with several tokens) and draws what we draw
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(out)
+    pipe.load_textual_inversion([str(out / name) for name in info["embeddings"]])
+    prompt = "a photo of <o1> dog and <o2> table"
+    ref = pipe([prompt], num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(3),
+               output_type="np").images
+    ours = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in sample.generate(
+        loaded, [prompt], seed=3, steps=3, height=64, width=64, progress=False)])
+    assert np.abs(ours - ref).max() <= 1 / 255
 
 
 def test_one_object_from_instance_dir_and_mask_and_resume(tiny_sd1, clip_dir, tmp_path, monkeypatch):

@@ -470,3 +470,80 @@ def test_bad_pretraining_settings_fail_before_loading(assets, tmp_path, no_loadi
         train.main(pretrain_args(assets, tmp_path, 1, "--export", "kohya"))
     with pytest.raises(ValueError, match="--face_encoder is an option of --method photoverse"):   # and the reverse
         train.main(["--method", "dreambooth", "--face_encoder", str(tmp_path / "arcface.pth")])
+
+
+def test_k_and_v_use_the_papers_scale_and_lora_scale_0_is_the_base_cross_attention(assets, tmp_path):
+    """K = W_k c + alpha dW c with alpha = 1 [paper] for the default training config (rank 2 here), and with
+    `lora_scale=0` at inference (sample.py --lora_scale 0) the text branch is the base cross-attention again."""
+    from lora import lora_layers, set_lora_scale
+    config = photoverse_train.photoverse_config(train.parse_args(pretrain_args(assets, tmp_path / "x")))
+    assert config.rank == 2 and config.lora_alpha is None
+    torch.manual_seed(0)
+    base = sample.load_models(assets / "sd1")
+    models = attach(sample.load_models(assets / "sd1"), CLIPModel.from_pretrained(assets / "clip"), config)
+    layers = {n: m for n, m in lora_layers(models.unet).items()}
+    assert layers and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in layers)
+    assert all(m.scale == 1.0 for m in layers.values())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in layers.values():
+            m.lora_B.weight.copy_(0.3 * torch.randn(m.lora_B.weight.shape, generator=g))
+    name, layer = next(iter(layers.items()))
+    c = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        dW = layer.lora_B.weight @ layer.lora_A.weight
+        assert torch.allclose(layer(c), c @ (layer.weight + 1.0 * dW).T, atol=1e-5)       # alpha = 1
+    z, t, f = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 4, 32, generator=g)
+    with torch.no_grad():
+        set_image_condition(models.unet, f, 1.0, 0.0)                  # the image branch off: only the text branch
+        assert not torch.allclose(models.unet(z, t, c), base.unet(z, t, c), atol=1e-4)     # LoRA live at scale 1
+        set_lora_scale(models.unet, 0.0)
+        assert torch.equal(models.unet(z, t, c), base.unet(z, t, c))
+    # the same from a checkpoint and from the command line
+    file = photoverse.save_adapter(tmp_path / "pv.safetensors", models, {"base_model": str(assets / "sd1"),
+                                                                          "clip_model": str(assets / "clip")})
+    assert all(m.scale == 1.0 for m in lora_layers(photoverse.load_photoverse(file).unet).values())
+    assert all(m.scale == 0.0 for m in lora_layers(photoverse.load_photoverse(file, lora_scale=0).unet).values())
+    paths = sample.main(sample_args(tmp_path, file, assets / "faces" / "face_0.png", "a photo of S*", "--lora_scale",
+                                    "0", "--steps", "2", "--height", "32", "--width", "32"))
+    with Image.open(paths[0]) as im:
+        assert im.text["lora_scale"] == "0.0"
+    mask = Image.new("L", load_image(assets / "faces" / "face_0.png").size)
+    ImageDraw.Draw(mask).rectangle((5, 5, 30, 40), fill=255)
+    mask.save(tmp_path / "mask.png")
+    masked = sample.main(sample_args(tmp_path / "m", file, assets / "faces" / "face_0.png", "a photo of S*",
+                                     "--lora_scale", "0", "--steps", "2", "--height", "32", "--width", "32",
+                                     "--face_mask", str(tmp_path / "mask.png")))
+    assert not np.array_equal(np.asarray(Image.open(masked[0])), np.asarray(Image.open(paths[0])))  # the crop is used
+
+
+def test_the_reference_is_the_1_3x_face_crop_masked_when_a_region_is_given():
+    """Box rows 10..29 x cols 20..29 (20 x 10 px) of a 40 x 40 image: the crop is 26 x 13 px about its centre, the
+    non-face pixels in it 0, resized back to 40 x 40. An all-ones mask leaves the image as it is."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 40, 40, generator=g) * 2 - 1
+    masks = torch.zeros(2, 1, 40, 40)
+    masks[0, :, 10:30, 20:30] = 1
+    masks[1] = 1
+    ref = photoverse.reference_faces(x, masks)
+    assert torch.equal(ref[1], x[1])
+    top, left = (10 + 30 - 26) // 2, (20 + 30 - 13) // 2                   # about the box's centre: 26 x 13 px
+    crop = (x[0] * masks[0])[:, top:top + 26, left:left + 13]
+    expected = F.interpolate(crop[None], size=(40, 40), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(ref[0], expected, atol=1e-6)
+    assert (ref[0][:, :, :3] == 0).all()                                   # the margin around the box is masked
+    edge = torch.zeros(1, 1, 40, 40)
+    edge[0, :, 0:20, 0:20] = 1                                             # a box at the corner: kept inside
+    assert photoverse.reference_faces(x[:1], edge).shape == (1, 3, 40, 40)
+
+
+def test_pretraining_feeds_the_adapters_the_reference_faces(assets, monkeypatch):
+    models = tiny_photoverse(assets)
+    batch = face_batch(assets)
+    batch["masks"][0, :, :, 32:] = 0                                       # row 0: its left half is the face
+    seen = []
+    real = photoverse_train.image_states
+    monkeypatch.setattr(photoverse_train, "image_states", lambda m, x: seen.append(x) or real(m, x))
+    photoverse_train.photoverse_loss(batch, models, train.TrainConfig(method="photoverse", **LOSS_CFG))
+    assert torch.equal(seen[0], photoverse.reference_faces(batch["pixel_values"], batch["masks"]))
+    assert torch.equal(seen[0][1], batch["pixel_values"][1]) and not torch.equal(seen[0][0], batch["pixel_values"][0])

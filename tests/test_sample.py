@@ -159,3 +159,17 @@ def test_sdxl_cli_in_float16_keeps_the_force_upcast_vae_float32(tiny_sdxl, tmp_p
     paths = sample.main(["--model", str(tiny_sdxl), "--prompt", "a cat", "--sampler", "euler", "--dtype", "float16",
                          "--steps", "2", "--height", "32", "--width", "48", "--device", "cpu", "--out", str(tmp_path)])
     assert Image.open(paths[0]).size == (48, 32) and Image.open(paths[0]).text["sampler"] == "euler"
+
+
+def test_generate_runs_with_parts_in_different_dtypes(tiny_sd1):
+    """train.py holds trained parts float32 and frozen ones half: generate casts each input to its reader's dtype."""
+    models = load_models(tiny_sd1)
+    ref = generate(models, ["a photo of a cat"], seed=1, steps=3, height=32, width=32, output="tensor", progress=False)
+    models.unet.to(torch.bfloat16)                                             # text encoder and VAE stay float32
+    mixed = generate(models, ["a photo of a cat"], seed=1, steps=3, height=32, width=32, output="tensor", progress=False)
+    models.unet.float()
+    models.vae.to(torch.bfloat16)
+    mixed_vae = generate(models, ["a photo of a cat"], seed=1, steps=3, height=32, width=32, output="tensor",
+                         progress=False)
+    for out in (mixed, mixed_vae):
+        assert out.float().sub(ref).abs().max() < 0.1

@@ -92,7 +92,7 @@ def test_textual_inversion_changes_exactly_one_row(tiny_sd1, tmp_path):
     ("dreambooth", ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", "2",
                     "--class_sample_steps", "2", "--snr_gamma", "5", "--random_flip"]),
     ("dreambooth_lora", ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--gradient_accumulation_steps", "2"]),
-    ("textual_inversion", []),
+    ("textual_inversion", ["--gradient_accumulation_steps", "1"]),
 ])
 def test_resume_equals_a_straight_run(method, extra, tiny_sd1, tmp_path, monkeypatch):
     common = ["--checkpointing_steps", "10", *extra]
@@ -394,3 +394,47 @@ def test_sdxl_textual_inversion_file_loads_in_diffusers(tiny_sdxl, tmp_path):
     ours = load_trained(tmp_path)
     assert ours.tokenizer_2.encode("<sks>")[1] == ours.tokenizer.encode("<sks>")[1] == 49408
     assert np.abs(our_image(ours, prompt) - ref).max() <= 1 / 255 + 1e-6
+
+
+def test_class_images_are_drawn_at_the_native_size_not_the_resolution(tmp_path):
+    from tiny import make_tiny_model
+    model = make_tiny_model(tmp_path / "tiny", sample_size=4)                  # native 4 x 8 = 32 px
+    cfg = train.parse_args(argv(model, tmp_path / "out", "dreambooth", 1, "--with_prior_preservation", "--class_prompt",
+                                "a photo of dog", "--class_data_dir", tmp_path / "cls", "--num_class_images", "1",
+                                "--class_sample_steps", "2", "--resolution", "16"))
+    paths = train.make_class_images(load_models(model), cfg)
+    assert load_image(paths[0]).size == (32, 32)                                 # not --resolution's 16
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_full_model_outputs_keep_the_frozen_parts_float32_as_loaded(precision, tiny_sd1, tmp_path):
+    run(argv(tiny_sd1, tmp_path, "dreambooth", 2, "--mixed_precision", precision, "--checkpointing_steps", "1"))
+    base = load_models(tiny_sd1)
+    for folder in (tmp_path, tmp_path / "checkpoint-1"):
+        for part, file in (("vae", "vae/diffusion_pytorch_model.safetensors"), ("text_encoder", "text_encoder/model.safetensors")):
+            saved = load_file(folder / file)
+            for name, p in getattr(base, part).state_dict().items():
+                assert saved[name].dtype == torch.float32 and torch.equal(saved[name], p), (part, name)
+
+
+def test_a_lora_trained_in_bf16_loads_in_diffusers_with_the_same_image(tiny_sd1, tmp_path):
+    """UNet and text-encoder LoRA, the default (gaussian) init, bf16 mixed precision: pipe.load_lora_weights gives
+    our image, and sample.py --lora_scale 0 the base model's."""
+    out = tmp_path / "lora"
+    run(argv(tiny_sd1, out, "dreambooth_lora", 3, "--learning_rate", "5e-2", "--train_text_encoder",
+             "--mixed_precision", "bf16"))
+    pipe = diffusers_pipe(tiny_sd1)
+    base = same_images(pipe, load_models(tiny_sd1), "a photo of sks dog")
+    pipe.load_lora_weights(out)
+    ours = load_trained(out)
+    assert same_images(pipe, ours, "a photo of sks dog") <= 1 / 255
+    assert base <= 1 / 255                                                     # before loading: the base model
+    lora_images = images_np(generate(ours, ["a photo of sks dog"], seed=3, steps=4, height=64, width=64, progress=False))
+    base_images = images_np(generate(load_models(tiny_sd1), ["a photo of sks dog"], seed=3, steps=4, height=64,
+                                     width=64, progress=False))
+    assert np.abs(lora_images - base_images).max() > 2 / 255                  # the LoRA does something
+    from sample import main as sample_main
+    paths = sample_main(["--model", str(out), "--prompt", "a photo of sks dog", "--seed", "3", "--steps", "4",
+                         "--height", "64", "--width", "64", "--lora_scale", "0", "--out", str(tmp_path / "s"),
+                         "--device", "cpu"])
+    assert np.abs(images_np([load_image(paths[0])]) - base_images).max() <= 1 / 255   # scale 0: the base model

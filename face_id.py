@@ -30,8 +30,8 @@ import world
 from detector import to_array
 
 BACKGROUND_TOL = 22.0    # RGB distance from the background model beyond which a pixel is part of the figure
-MIN_IOU = 0.70           # best silhouette IoU below this: no face (real renders: >= 0.90)
-SHAPE_IOU = 0.80         # the head shape factor needs at least this IoU
+MIN_IOU = 0.75           # best silhouette IoU below this: no face (real renders >= 0.98, blanks and scenes <= 0.62)
+SHAPE_IOU = 0.90         # the head shape factor needs at least this IoU
 WIDTH_STEP = 0.08        # head shape: the identity's width must fit better than width -+ this
 COLOUR_TOL = 45.0        # a read colour further than this from the identity's is not it
 FACTORS = ("skin", "hair", "eyes", "hair_style", "head_shape")
@@ -76,7 +76,11 @@ def silhouette_iou(label: np.ndarray, layers: list, figure: np.ndarray) -> np.nd
     """IoU of each pose's silhouette with the figure, over the pixels the render does not call shirt."""
     names = [name for name, _, _ in layers]
     silhouette = np.isin(label, [i for i, n in enumerate(names) if n in SILHOUETTE])
-    fig = figure[None] & (label != names.index("shirt"))
+    # the pixels just outside the silhouette do not count: the world's anti-aliased edge makes a pixel that a
+    # part only partly covers stand out from the background, so the figure is the silhouette grown by up to a pixel
+    padded = np.pad(silhouette, ((0, 0), (1, 1), (1, 1)))
+    ring = (padded[:, :-2, 1:-1] | padded[:, 2:, 1:-1] | padded[:, 1:-1, :-2] | padded[:, 1:-1, 2:]) & ~silhouette
+    fig = figure[None] & (label != names.index("shirt")) & ~ring
     inter = (silhouette & fig).sum(axis=(-1, -2))
     return inter / np.maximum((silhouette | fig).sum(axis=(-1, -2)), 1)
 

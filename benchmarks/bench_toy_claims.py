@@ -72,7 +72,8 @@ FACE_TRAIN_IDENTITIES = range(0, 200)     # its pretraining identities (world.py
 PV_FLAGS = ["--clip_model", str(TOY / "clip"), "--dino_model", str(TOY / "dino"), "--vision_layers", "last,1,2,3",
             "--adapter_dim", "64", "--resolution", "64", "--train_batch_size", "8", "--device", "cpu",
             "--checkpointing_steps", "100000"]
-PV_PROMPTS = [f"a photo of S* {s}" for s in SCENES]
+# face_id.py reads a face on the world's pale face background, so PhotoVerse's prompts vary the wording, not the scene
+PV_PROMPTS = ["a photo of S*", "a portrait of S*", "a picture of S*"]
 
 
 def subject_class(name: str) -> str:

@@ -1,16 +1,16 @@
 """face_id.py: the toy faces' identity score matches the right identity and nothing else.
 
 Real renders (world.face) of held-out identities 5000-5023, which the thresholds were not tuned on (they were set
-on identities 1000-1029 against 2000-2099). Measured when these tests were written (2 images each of 1000-1029):
-score 0.99 against their own identity (every factor matched in 97% of images: skin, hair and eyes 100%, hair style
-100%, head shape 97%), 0.23 against a random other identity (the factors two random identities share by chance,
-plus a silhouette that fits loosely); 0 on blank backgrounds and on the shape world's scenes. A face changed in
-one factor fails that factor and keeps the others.
+on identities 1000-1029 against 2000-2099). Measured when these tests were written, 2 images per identity: score
+0.996 against their own identity (all five factors matched in 98% of images: skin, hair, eyes and hair style
+100%, head shape 98%), 0.14 against a random other identity (no pair at >= 0.8: the factors two random
+identities share by chance, and a silhouette that fits loosely); no face (score 0) in blank backgrounds and the
+shape world's scenes. A face changed in one colour fails that factor and keeps the others.
 
 Through the shipped toy VAE (assets/toy/model, trained on the shape world only) the faces do not survive: the
-background turns pink and the hair takes the world's palette colours (green, purple), so the score is 0.04 against
-the own identity (a face found in 12% of round trips). test_round_trips_through_the_toy_vae is marked xfail with
-these numbers until a VAE that has seen faces is shipped.
+background turns pink and the hair takes the world's palette colours (green, purple), so no face is found in any
+of 24 round trips (median silhouette IoU 0.46, below MIN_IOU 0.75). test_round_trips_through_the_toy_vae is marked
+xfail with these numbers until a VAE that has seen faces is shipped.
 """
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +34,7 @@ def test_matches_the_right_identity_on_held_out_renders():
     rows = scores((world.face(i, k), i) for i in HELD_OUT for k in range(2))
     assert all(r["present"] for r in rows)
     assert np.mean([r["score"] for r in rows]) >= 0.95
-    assert np.mean([r["score"] == 1.0 for r in rows]) >= 0.85
+    assert np.mean([r["score"] == 1.0 for r in rows]) >= 0.9
     for f in ("skin", "hair", "eyes"):
         assert np.mean([r["factors"][f] for r in rows]) >= 0.95, f
 
@@ -43,8 +43,8 @@ def test_another_identity_scores_near_chance():
     rng = np.random.default_rng(1)
     pairs = [(i, int(j)) for i in HELD_OUT for j in rng.choice(range(6000, 7000), 2)]
     rows = scores((world.face(i, 0), j) for i, j in pairs)
-    assert np.mean([r["score"] for r in rows]) <= 0.4
-    assert np.mean([r["score"] >= 0.8 for r in rows]) <= 0.1
+    assert np.mean([r["score"] for r in rows]) <= 0.3
+    assert np.mean([r["score"] >= 0.8 for r in rows]) <= 0.05
     # a colour factor matches no more often than the two identities share it by chance
     for f in ("skin", "hair", "eyes"):
         matched = np.mean([r["factors"][f] for r in rows])
@@ -102,8 +102,8 @@ def vae_round_trip(images) -> list[np.ndarray]:
     return list(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
 
 
-@pytest.mark.xfail(reason="the shipped toy VAE never saw faces: round trips score 0.04 against their own identity "
-                          "(face found in 12%), see the module docstring", strict=False)
+@pytest.mark.xfail(reason="the shipped toy VAE never saw faces: no face found in 24 round trips "
+                          "(median IoU 0.46), see the module docstring", strict=False)
 def test_round_trips_through_the_toy_vae():
     ids = [i for i in HELD_OUT[:12] for _ in range(2)]
     images = vae_round_trip([world.face(i, k % 2) for k, i in enumerate(ids)])

@@ -159,6 +159,7 @@ def run_subject(variant: str, subject: str, seed: int, args, work: Path) -> dict
     cls = subject_class(subject)
     method, token, flags = flags_of(variant)
     run = work / variant / subject / f"seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)     # a rerun starts clean (sample.py adds a new set to a used folder)
     one, mask = one_photo_and_mask(subject, work)
     scenes = work / "scenes.txt"
     scenes.write_text("\n".join(SCENES) + "\n")
@@ -195,6 +196,7 @@ def run_two_objects(subject: str, seed: int, args, work: Path) -> dict:
     names = list(world.NOVEL_SUBJECTS)
     other = names[(names.index(subject) + 1) % len(names)]
     run = work / "objectdriven_two" / subject / f"seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)     # a rerun starts clean (sample.py adds a new set to a used folder)
     objects = []
     for k, name in enumerate((subject, other), start=1):
         one, mask = one_photo_and_mask(name, work)
@@ -238,7 +240,7 @@ def identity_scores(images: Path, identity: int, others: list[int]) -> dict:
 def photoverse_adapter(seed: int, args, work: Path) -> tuple[Path, float, int]:
     """PhotoVerse's adapters pretrained once per seed on the training identities' faces: (folder, seconds,
     trained parameters)."""
-    faces, out = work / "faces", work / "photoverse" / f"adapter-seed{seed}"
+    faces, out = work / "faces", work / "photoverse" / f"adapter-seed{seed}-steps{args.photoverse_steps}"
     if not (faces / "boxes.json").is_file():
         world.write_faces(faces, FACE_TRAIN_IDENTITIES, 8)
     if not (out / "photoverse.safetensors").is_file():
@@ -256,6 +258,7 @@ def run_face(variant: str, slot: int, seed: int, args, work: Path) -> dict:
     identity = FACE_IDENTITIES[slot]
     others = [i for i in FACE_IDENTITIES if i != identity]
     run = work / variant / f"identity{identity}" / f"seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)     # a rerun starts clean (sample.py adds a new set to a used folder)
     ref = run / "reference"
     ref.mkdir(parents=True, exist_ok=True)
     world.face(identity, 0).save(ref / "00.png")

@@ -92,11 +92,16 @@ def flags_of(variant: str) -> tuple[str, str, list[str]]:
 
 
 def trained_parameters(folder: Path, method: str) -> int:
-    """The number of trained values a run's output holds (a full UNet, a LoRA, token rows, adapters)."""
-    files = {"dreambooth": ["unet/diffusion_pytorch_model.safetensors"], "comfusion":
-             ["unet/diffusion_pytorch_model.safetensors"], "dreambooth_lora": ["pytorch_lora_weights.safetensors"],
-             "textual_inversion": ["learned_embeds.safetensors"], "photoverse": ["photoverse.safetensors"],
-             "objectdriven": ["pytorch_lora_weights.safetensors", "learned_embeds.safetensors"]}[method]
+    """The number of trained values a run's output holds: a full UNet, adapters, or the LoRA and embedding files
+    its nanobooth.json names."""
+    if method in ("dreambooth", "comfusion"):
+        files = ["unet/diffusion_pytorch_model.safetensors"]
+    elif method == "photoverse":
+        files = ["photoverse.safetensors"]
+    else:
+        info = json.loads((folder / "nanobooth.json").read_text())
+        embeddings = info.get("embeddings", [])
+        files = [info[k] for k in ("lora",) if k in info] + ([embeddings] if isinstance(embeddings, str) else embeddings)
     total = 0
     for name in files:
         with safe_open(str(folder / name), "pt") as f:

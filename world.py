@@ -348,24 +348,14 @@ def face_identity(identity: int) -> Face:
                 float(rng.uniform(-0.2, 0.0)))
 
 
-def face_and_box(identity: int, index: int) -> tuple[Image.Image, list[int]]:
-    """Image `index` of face `identity` and its head's box [left, top, right, bottom] in pixels (hair excluded)."""
-    f, rng = face_identity(identity), np.random.default_rng([identity, index, 15485863])
-    dx, dy = rng.uniform(-2.5, 2.5, size=2)
-    scale, smile = rng.uniform(0.93, 1.07), rng.uniform(-0.6, 1.0)      # smile < 0: a frown
-    tint = np.array((200, 205, 215)) + rng.uniform(-12, 12, size=3)     # a pale background of its own tint
-    shirt = np.array(COLOURS[str(rng.choice(list(COLOURS)))]) * 0.5 + 60    # muted
+def face_layers(f: Face, u, v, smile: float = 0.0, shirt=(128, 128, 128)) -> list[tuple[str, np.ndarray, tuple]]:
+    """The parts of face `f` in painting order, each (name, inside-mask, rgb), at head units (u, v): the head is
+    u^2 + v^2 <= 1 (u across, v down). A later part covers an earlier one. face_and_box paints them; face_id.py
+    renders them to read a drawn face's identity factors where they are."""
+    layers = []
 
-    n = SIZE * SS
-    c = (np.arange(n, dtype=np.float32) + 0.5) / SS
-    y, x = np.meshgrid(c, c, indexing="ij")
-    cx, cy, b = 32 + dx, 31 + dy, 19 * scale                             # head centre, half-height
-    a = b * f.width                                                      # half-width
-    u, v = (x - cx) / a, (y - cy) / b                                    # head units: the head is u^2 + v^2 <= 1
-    img = (tint * (1 - 0.15 * y[..., None] / SIZE)).astype(np.float32)   # darker towards the bottom
-
-    def paint(mask, rgb):
-        img[mask] = np.asarray(rgb, np.float32)
+    def part(name, mask, rgb):
+        layers.append((name, mask, tuple(float(c) for c in rgb)))
 
     def ellipse(u0, v0, ru, rv):
         return ((u - u0) / ru) ** 2 + ((v - v0) / rv) ** 2 <= 1
@@ -374,36 +364,72 @@ def face_and_box(identity: int, index: int) -> tuple[Image.Image, list[int]]:
 
     # 1. behind the head: long hair, neck and shoulders, ears
     if f.hair_style == "long":
-        paint(ellipse(0, 0.1, 1.25, 1.15) & (v < 1.0), f.hair)
-    paint((abs(u) < 0.38) & (v > 0.6) & (v < 1.35), np.array(f.skin) * 0.9)
-    paint(ellipse(0, 2.0, 2.1, 0.75), shirt)
-    paint(ellipse(-1.0, 0.0, 0.16, 0.22) | ellipse(1.0, 0.0, 0.16, 0.22), np.array(f.skin) * 0.92)
+        part("long hair", ellipse(0, 0.1, 1.25, 1.15) & (v < 1.0), f.hair)
+    part("neck", (abs(u) < 0.38) & (v > 0.6) & (v < 1.35), np.array(f.skin) * 0.9)
+    part("shirt", ellipse(0, 2.0, 2.1, 0.75), shirt)
+    part("ears", ellipse(-1.0, 0.0, 0.16, 0.22) | ellipse(1.0, 0.0, 0.16, 0.22), np.array(f.skin) * 0.92)
     # 2. the head, then the hair over its top
-    paint(head, f.skin)
+    part("head", head, f.skin)
     if f.hair_style == "bun":
-        paint(ellipse(0, -1.15, 0.38, 0.3), f.hair)
+        part("bun", ellipse(0, -1.15, 0.38, 0.3), f.hair)
     cap = (u / hair_line) ** 2 + ((v + 0.04) / hair_line) ** 2 <= 1
     top = {"short": v < -0.5, "long": v < -0.45, "curly": v < -0.4, "bun": v < -0.55,
            "fringe": v < -0.42 + 0.12 * (abs(u) > 0.55), "bald": (abs(u) > 0.8) & (v < 0.05) & (v > -0.5)}
-    paint(cap & top[f.hair_style], f.hair)
+    part("hair", cap & top[f.hair_style], f.hair)
     # 3. the features: eyebrows (the hair's colour), eyes (whites, iris, pupil), nose, mouth
     brow_v = f.eye_height - 0.2
     brows = (abs(abs(u) - f.eye_gap) < 0.17) & (abs(v - brow_v + 0.15 * (abs(u) - f.eye_gap) ** 2) < 0.035)
-    paint(brows, np.array(f.hair) * 0.8 if f.hair_style != "bald" else np.array(f.skin) * 0.6)
+    part("brows", brows, np.array(f.hair) * 0.8 if f.hair_style != "bald" else np.array(f.skin) * 0.6)
     for side in (-1, 1):
         eu = side * f.eye_gap
-        paint(ellipse(eu, f.eye_height, 0.17, 0.08), (245, 245, 245))
+        part("eye whites", ellipse(eu, f.eye_height, 0.17, 0.08), (245, 245, 245))
         iris = ellipse(eu, f.eye_height, 0.085, 0.08)
-        paint(iris, f.eyes)
-        paint(iris & ellipse(eu, f.eye_height, 0.04, 0.04), (15, 15, 15))
+        part("iris", iris, f.eyes)
+        part("pupil", iris & ellipse(eu, f.eye_height, 0.04, 0.04), (15, 15, 15))
     nose = polygon_mask(u, v, np.array([0.0, -0.1, 0.1]), np.array([f.eye_height + 0.1, 0.3, 0.3]))
-    paint(nose, np.array(f.skin) * 0.82)
+    part("nose", nose, np.array(f.skin) * 0.82)
     mouth_v = 0.52 + 0.12 * smile * (1 - (u / 0.3) ** 2) - 0.06 * smile   # smile > 0: the corners lift
-    paint((abs(u) < 0.3) & (abs(v - mouth_v) < 0.045), (150, 45, 55))
+    part("mouth", (abs(u) < 0.3) & (abs(v - mouth_v) < 0.045), (150, 45, 55))
+    return layers
 
-    out = img.reshape(SIZE, SS, SIZE, SS, 3).mean(axis=(1, 3))            # SS x SS averages: anti-aliasing
+
+def face_pose(identity: int, index: int) -> dict:
+    """What image `index` of `identity` varies: the head's offset (dx, dy) from (32, 31) and scale (half-height
+    19 * scale), the smile, the background tint and the shirt colour."""
+    rng = np.random.default_rng([identity, index, 15485863])
+    dx, dy = rng.uniform(-2.5, 2.5, size=2)
+    scale, smile = rng.uniform(0.93, 1.07), rng.uniform(-0.6, 1.0)      # smile < 0: a frown
+    tint = np.array((200, 205, 215)) + rng.uniform(-12, 12, size=3)     # a pale background of its own tint
+    shirt = np.array(COLOURS[str(rng.choice(list(COLOURS)))]) * 0.5 + 60    # muted
+    return dict(dx=float(dx), dy=float(dy), scale=float(scale), smile=float(smile), tint=tint, shirt=shirt)
+
+
+def head_units(f: Face, dx: float, dy: float, scale: float, n: int, ss: int):
+    """Head units (u, v) at the centres of an n x n grid of 1/ss-pixel cells, for a head offset by (dx, dy) from
+    (32, 31) with half-height 19 * scale; and the head's box [left, top, right, bottom] in pixels."""
+    c = (np.arange(n, dtype=np.float32) + 0.5) / ss
+    y, x = np.meshgrid(c, c, indexing="ij")
+    cx, cy, b = 32 + dx, 31 + dy, 19 * scale                             # head centre, half-height
+    a = b * f.width                                                      # half-width
     box = [max(0, math.floor(cx - a)), max(0, math.floor(cy - b)), min(SIZE, math.ceil(cx + a)),
            min(SIZE, math.ceil(cy + b))]
+    return (x - cx) / a, (y - cy) / b, box
+
+
+def face_and_box(identity: int, index: int) -> tuple[Image.Image, list[int]]:
+    """Image `index` of face `identity` and its head's box [left, top, right, bottom] in pixels (hair excluded)."""
+    return draw_face(face_identity(identity), face_pose(identity, index))
+
+
+def draw_face(f: Face, pose: dict) -> tuple[Image.Image, list[int]]:
+    """Face `f` drawn in `pose` (face_pose's keys), and its head's box: face_and_box for any Face."""
+    n = SIZE * SS
+    u, v, box = head_units(f, pose["dx"], pose["dy"], pose["scale"], n, SS)
+    y = (np.arange(n, dtype=np.float32)[:, None, None] + 0.5) / SS
+    img = np.broadcast_to(pose["tint"] * (1 - 0.15 * y / SIZE), (n, n, 3)).astype(np.float32)  # darker downwards
+    for _, mask, rgb in face_layers(f, u, v, pose["smile"], pose["shirt"]):
+        img[mask] = np.asarray(rgb, np.float32)
+    out = img.reshape(SIZE, SS, SIZE, SS, 3).mean(axis=(1, 3))            # SS x SS averages: anti-aliasing
     return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8)), box
 
 

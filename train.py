@@ -829,7 +829,10 @@ def train(cfg: TrainConfig) -> SDModels:
         for table in tables if inputs.tokens else ():                  # only the new rows train: drop the rest,
             if table.grad is not None:                                 # so clipping measures the trained rows alone
                 table.grad[keep] = 0
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))   # 0: no clip
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        else:                                                          # 0: no clipping, the norm is only logged
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None]))
         stop_if_diverged(finite, grad_norm, scaler.is_enabled(), cfg, step + 1, logs, log_file, world, device)
         scaler.step(optimizer)
         scaler.update()

@@ -129,8 +129,8 @@ TRAIN_NUMBERS = [
     (["--learning_rate", "0"], r"--learning_rate must be > 0, got 0.0 \(leave it out for the method's default, 0.0001\)"),
     (["--learning_rate", "nan"], r"--learning_rate must be > 0, got nan"),
     (["--learning_rate", "inf"], r"--learning_rate must be > 0, got inf"),
-    (["--max_grad_norm=-1"], r"--max_grad_norm must be > 0"),
-    (["--max_grad_norm", "0"], r"--max_grad_norm must be > 0"),
+    (["--max_grad_norm=-1"], r"--max_grad_norm must be >= 0"),        # 0 is valid: no clipping (Textual Inversion)
+    (["--max_grad_norm", "nan"], r"--max_grad_norm"),
     (["--snr_gamma=-5"], r"--snr_gamma must be > 0"),
     (["--checkpoints_total_limit=-1"], r"--checkpoints_total_limit must be at least 1"),
     (["--checkpoints_total_limit", "0"], r"--checkpoints_total_limit must be at least 1"),

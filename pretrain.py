@@ -94,6 +94,8 @@ class PretrainConfig:
     text_encoder: str | None = None         # sd: a model folder whose text_encoder/ conditions the UNet, frozen, instead
                                             # of the clip stage's text tower
     patterns: float = 0.3                   # vae: share of each batch from world.pattern_sample (two-colour patterns)
+    faces: float = 0.0                      # vae, sd: share of each batch from world.face images of FACE_IDENTITIES,
+                                            # captioned FACE_CAPTION: the faces PhotoVerse personalizes
     threads: int | None = None              # torch CPU threads (None: torch's default)
     init_from: str | None = None            # a second round from this result: vae (decoder only), sd, classifier
     colour_dropout: float = 0.2             # sd: share of captions with their colour words left out, so that a shape
@@ -104,7 +106,8 @@ def parse_args(argv=None) -> PretrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(PretrainConfig()).items():
         kind = {"max_train_steps": int, "train_batch_size": int, "learning_rate": float, "threads": int,
-                "init_from": str, "colour_dropout": float, "patterns": float, "text_encoder": str}.get(name, type(value))
+                "init_from": str, "colour_dropout": float, "patterns": float, "faces": float,
+                "text_encoder": str}.get(name, type(value))
         p.add_argument(f"--{name}", type=kind, default=value)
     cfg = PretrainConfig(**vars(p.parse_args(argv)))
     if cfg.stage not in (*STAGES, "all"):
@@ -172,6 +175,27 @@ def pattern_pool(seed: int, n: int, work_dir: Path) -> np.ndarray:
     return images
 
 
+FACE_IDENTITIES = range(0, 1000)   # the base model's faces; PhotoVerse's held-out identities are 1000 and up
+FACE_CAPTION = "a photo of a face"
+
+
+def _face_chunk(identities):
+    return np.stack([np.asarray(world.face(i, k)) for i in identities for k in range(4)])
+
+
+def face_pool(work_dir: Path) -> np.ndarray:
+    """world.face images 0..3 of every FACE_IDENTITIES identity, uint8 (n, 64, 64, 3): the toy model's faces."""
+    path = work_dir / f"faces-{FACE_IDENTITIES.start}-{FACE_IDENTITIES.stop}.npy"
+    if path.is_file():
+        return np.load(path)
+    chunks = [FACE_IDENTITIES[s:s + 100] for s in range(0, len(FACE_IDENTITIES), 100)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as ex:
+        images = np.concatenate(list(tqdm(ex.map(_face_chunk, chunks), total=len(chunks), desc="face pool",
+                                          unit="100 faces")))
+    atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), images))
+    return images
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (b, h, w, 3) -> float32 (b, 3, h, w) in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -197,13 +221,15 @@ def vae_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     vae.encoder.requires_grad_(not cfg.init_from)
     vae.quant_conv.requires_grad_(not cfg.init_from)
     patterns = pattern_pool(cfg.seed, 6000, Path(cfg.work_dir)) if cfg.patterns else None
+    faces = face_pool(Path(cfg.work_dir)) if cfg.faces else None
 
     def batch(g, b):
-        n = round(b * cfg.patterns)
-        idx = torch.randint(len(pool["images"]), (b - n,), generator=g).numpy()
+        n, n_faces = round(b * cfg.patterns), round(b * cfg.faces)
+        idx = torch.randint(len(pool["images"]), (b - n - n_faces,), generator=g).numpy()
         images = pool["images"][idx]
-        if n:
-            images = np.concatenate([images, patterns[torch.randint(len(patterns), (n,), generator=g).numpy()]])
+        for extra, k in ((patterns, n), (faces, n_faces)):
+            if k:
+                images = np.concatenate([images, extra[torch.randint(len(extra), (k,), generator=g).numpy()]])
         top, left = torch.randint(0, 65 - side, (2,), generator=g).tolist()  # one crop position per batch
         return {"x": to_tensor(images[:, top:top + side, left:left + side]), "g": g}
 
@@ -249,20 +275,26 @@ def sd_stage(cfg: PretrainConfig, pool: dict, out: Path) -> Stage:
     text_encoder.requires_grad_(False)
     model = torch.nn.ModuleDict({"unet": UNet.from_pretrained(cfg.init_from) if cfg.init_from else UNet(UNetConfig.toy())})
     s = vae.config.scaling_factor
+    faces = face_pool(Path(cfg.work_dir)) if cfg.faces else np.zeros((0, 64, 64, 3), np.uint8)
+    images = np.concatenate([pool["images"], faces])     # --faces: the face pool after the world's images
     with torch.no_grad():      # every pool image encoded once: the posterior's mean and std, scaled
-        moments = [vae.encode(to_tensor(pool["images"][i:i + 500])) for i in tqdm(range(0, len(pool["images"]), 500),
-                                                                                 desc="encoding the pool", unit="batch")]
+        moments = [vae.encode(to_tensor(images[i:i + 500])) for i in tqdm(range(0, len(images), 500),
+                                                                         desc="encoding the pool", unit="batch")]
         mean, std = torch.cat([m.mean for m in moments]) * s, torch.cat([m.std for m in moments]) * s
+    captions, n_world = pool["captions"] + [FACE_CAPTION] * len(faces), len(pool["images"])
     colours = re.compile(r"\b(" + "|".join(world.COLOURS) + r") ")
 
     def encode(captions):      # the frozen text encoder's states of every caption, computed once
         with torch.no_grad():
             return torch.cat([text_encoder(tokenizer(captions[i:i + 1000]))[0] for i in range(0, len(captions), 1000)])
-    states, empty = encode(pool["captions"]), encode([""])[0]
-    no_colour = encode([colours.sub("", c) for c in pool["captions"]]) if cfg.colour_dropout else states
+    states, empty = encode(captions), encode([""])[0]
+    no_colour = encode([colours.sub("", c) for c in captions]) if cfg.colour_dropout else states
 
     def batch(g, b):
-        idx = torch.randint(len(mean), (b,), generator=g)
+        n_faces = round(b * cfg.faces)
+        idx = torch.randint(n_world, (b - n_faces,), generator=g)
+        if n_faces:
+            idx = torch.cat([idx, n_world + torch.randint(len(faces), (n_faces,), generator=g)])
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         text = states[idx]
         if cfg.colour_dropout:     # (drawn only when asked: runs without it keep their random stream)
@@ -377,6 +409,7 @@ def settings_of(cfg: PretrainConfig, name: str) -> dict:
             "pool_size": cfg.pool_size, "warmup_steps": cfg.warmup_steps, "init_from": cfg.init_from,
             **({"colour_dropout": cfg.colour_dropout} if cfg.colour_dropout and name == "sd" else {}),
             **({"patterns": cfg.patterns} if cfg.patterns and name == "vae" else {}),
+            **({"faces": cfg.faces} if cfg.faces and name in ("vae", "sd") else {}),
             **({"text_encoder": cfg.text_encoder} if cfg.text_encoder and name == "sd" else {})}
 
 

@@ -71,7 +71,7 @@ def dreambooth_objective(pred, target, t, n_instance: int, schedule, prior_weigh
 
     The predictions, the targets AND the timesteps are split at the same place, so each half gets its
     own min-SNR weights: diffusers' train_dreambooth.py computed the weights for the whole batch and then
-    applied them to half of it (the shape bug methods.md warns about).
+    applied them to half of it (the shape bug docs/methods.md section 1 warns about).
     """
     w = min_snr_weights(schedule, t, snr_gamma)
     loss_instance = weighted_mse(pred[:n_instance], target[:n_instance], w[:n_instance])
@@ -197,7 +197,7 @@ def fusion_matching(fusion, models, z_tau, out, tau):
 def comfusion_loss(batch, models, cfg):
     """ComFusion: "Personalized Subject Generation in Multiple Specific Scenes From Single Image", arXiv 2402.11849.
     Only the abstract and summaries could be read: the stream and loss names are [paper], every equation is [ours]
-    (methods.md section 2).
+    (docs/methods.md section 2).
 
         L = lambda_inst L_inst + lambda_cs L_cs + lambda_v L_v + lambda_t L_t        [ours; defaults 1, 1, 0.1, 0.1]
 
@@ -239,7 +239,7 @@ def comfusion_loss(batch, models, cfg):
 
 
 def objectdriven_loss(batch, models, cfg):
-    """Object-driven one-shot fine-tuning with prototypical embedding, arXiv 2401.15708 (methods.md section 3), stage 2.
+    """Object-driven one-shot fine-tuning, prototypical embedding (arXiv 2401.15708; docs/methods.md section 3), stage 2
     Stage 1, the prototypical embedding [paper], runs before the loop (methods.py `prototypical_stage`, loss L_pe).
 
         L = L_os + lambda L_prior                                                    [ours form; lambda = 1]

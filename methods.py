@@ -5,9 +5,9 @@ train.py's loop is the same for every method; what differs is read here (check_c
 Inputs), the trainable set (train.py `setup_trainable`) and the loss (losses.py). Two methods need more than a
 folder of photos and a prompt:
 
-    ComFusion (arXiv 2402.11849; methods.md section 2): scene phrases, one folder of class-scene prior images per
+    ComFusion (arXiv 2402.11849; docs/methods.md section 2): scene phrases, one folder of class-scene prior images per
         scene, frozen DINO and CLIP encoders, and fusion-stream rows in each batch.
-    Object-driven one-shot (arXiv 2401.15708; methods.md section 3): one image, a binary mask, a class noun and a
+    Object-driven one-shot (arXiv 2401.15708; docs/methods.md section 3): one image, a binary mask, a class noun and a
         new token per object, one folder of class images per class, and stage 1 (the prototypical embedding)
         before the loop.
 
@@ -34,10 +34,10 @@ from sample import SDModels
 
 # The CLIP a method's loss uses unless --clip_model says otherwise. ComFusion [ours]: the CLIP-T/CLIP-I scorer's
 # default in eval.py, so it is trained against the family that scores it. Object-driven: T must be SD1's own text
-# encoder plus a CLIP text projection, so the CLIP whose text tower SD1 uses (methods.md section 3).
+# encoder plus a CLIP text projection, so the CLIP whose text tower SD1 uses (docs/methods.md section 3).
 DEFAULT_CLIP = {"comfusion": "openai/clip-vit-base-patch32", "objectdriven": "openai/clip-vit-large-patch14"}
 # ComFusion's scenes when no --scenes file is given [ours]: generic places that do not overlap the DreamBench
-# evaluation prompts (methods.md section 2)
+# evaluation prompts (docs/methods.md section 2)
 DEFAULT_SCENES = ("in a garden", "on a kitchen table", "in a library", "on a wooden dock by a lake", "in the desert",
                   "in a living room", "at night under street lights", "on a balcony", "in a field of lavender",
                   "on a stone bridge")
@@ -91,7 +91,7 @@ def check_method_options(cfg) -> None:
     calls this after its general checks)."""
     if cfg.method in ("comfusion", "objectdriven"):
         if cfg.train_text_encoder:
-            raise ValueError(f"--method {cfg.method} does not train the text encoder (methods.md): "
+            raise ValueError(f"--method {cfg.method} does not train the text encoder (docs/methods.md): "
                              f"drop --train_text_encoder")
         if not cfg.class_data_dir:
             raise ValueError(f"--method {cfg.method} needs --class_data_dir (its prior images are generated there once)")

@@ -1,7 +1,7 @@
 """PhotoVerse: personalization from one face image, with no fine-tuning per person.
 
 Chen et al. 2023, "PhotoVerse: Tuning-Free Image Customization with Text-to-Image Diffusion Models",
-arXiv 2309.05793; the working specification is ../shared/spec/methods.md section 4, whose [paper] / [ours]
+arXiv 2309.05793; its equations are docs/methods.md section 4, whose [paper] / [ours]
 marks the comments below repeat. Adapters trained once over a dataset of aligned faces map a face to
 
     - m pseudo-words p_f (text adapters, one per CLIP layer), which replace the placeholder S* in the

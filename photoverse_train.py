@@ -2,7 +2,7 @@
 dispatches to (`pretrain`).
 
 Chen et al. 2023, "PhotoVerse: Tuning-Free Image Customization with Text-to-Image Diffusion Models",
-arXiv 2309.05793; the working specification is ../shared/spec/methods.md section 4, whose [paper] / [ours]
+arXiv 2309.05793; its equations are docs/methods.md section 4, whose [paper] / [ours]
 marks the comments below repeat. The parts it trains (adapters, the image branch W_k^S, W_v^S, LoRA on the text
 branch) and the random fusion are photoverse.py's; here they are trained once, over a face dataset, on
 
@@ -80,7 +80,7 @@ def value_regulariser(unet: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def photoverse_loss(batch, models: PhotoVerseModels, cfg):
-    """PhotoVerse's objective (Chen et al. 2023, arXiv 2309.05793; methods.md section 4), in losses.py's signature:
+    """PhotoVerse's objective (Chen et al. 2023, arXiv 2309.05793; docs/methods.md section 4), in losses.py's signature:
 
         L = L_ldm + lambda_face L_face + lambda_p mean|p_f| + lambda_v mean|V_S|
 
@@ -254,7 +254,7 @@ def check_pretrain_config(cfg) -> FaceFolder:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     for flag in ("with_prior_preservation", "train_text_encoder", "cache_latents", "snr_gamma"):
         if getattr(cfg, flag):
-            raise ValueError(f"--{flag} does not apply to --method photoverse (its objective is methods.md section 4)")
+            raise ValueError(f"--{flag} does not apply to --method photoverse (see docs/methods.md section 4)")
     if cfg.export != "none":
         raise ValueError("--export does not apply to --method photoverse: its output is photoverse.safetensors, which "
                          "sample.py --method photoverse reads")

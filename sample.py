@@ -37,7 +37,7 @@ from text_encoder import CLIPTextModel, CLIPTokenizer
 from unet import UNet
 from vae import VAE
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # sd-reference.md: runwayml/... was deleted
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/... is gone (docs/sd-reference.md section 1)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

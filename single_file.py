@@ -295,7 +295,7 @@ def detect_family(sd: dict, where) -> str:
                              f"'{UNET}' (UNet), '{VAE_PREFIX}' (VAE) and '{CLIP}' (SD1 text), '{OPENCLIP}' (SD2 "
                              f"text) or '{XL_CLIP}' + '{XL_OPENCLIP}' (SDXL); found {', '.join(found[:8])}"
                              f"{' ...' if len(found) > 8 else ''}")
-    # SD1's cross-attention reads 768-wide CLIP-L tokens, SD2's 1024-wide OpenCLIP-H ones (sd-reference.md)
+    # SD1's cross-attention reads 768-wide CLIP-L tokens, SD2's 1024-wide OpenCLIP-H (docs/sd-reference.md section 6)
     widths = {v.shape[1] for k, v in sd.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")}
     if widths & {768, 1024, 2048} and widths != {{"sd1": 768, "sd2": 1024, "sdxl": 2048}[text]}:
         raise ModelLoadError(f"'{where}' mixes parts: a {text.upper()} text encoder but UNet cross-attention "

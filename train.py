@@ -55,7 +55,7 @@ from single_file import is_single_file, save_single_file
 
 PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
 METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse", *PRETRAIN)
-DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # methods.md section 1
+DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # docs/methods.md section 1
               "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
 # Defaults that differ by method, applied by parse_args unless the flag is given. Textual Inversion: diffusers' recipe
 # (examples/textual_inversion: lr 5e-4 scaled by batch x accumulation x processes, so 2e-3 on one GPU, accumulation 4,
@@ -114,7 +114,7 @@ class TrainConfig:
     cache_latents: bool = False              # encode each photo once (needs --center_crop)
     device: str = "auto"                     # auto (cuda, mps, cpu), or a torch device such as cuda:1
     demo: bool = False                       # the README's offline demo: DreamBooth on the shipped toy model
-    # DreamBooth (--method dreambooth, dreambooth_lora; methods.md section 1)
+    # DreamBooth (--method dreambooth, dreambooth_lora; docs/methods.md section 1)
     identifier: str = "sks"                  # the rare token the instance prompt binds the subject to
     with_prior_preservation: bool = False    # add DreamBooth's class-prior loss on images of --class_prompt
     class_prompt: str | None = None          # the prompt of the class images, such as 'a photo of dog'
@@ -134,7 +134,7 @@ class TrainConfig:
     initializer_token: str = "dog"           # the word its embedding starts from (object-driven: the class noun)
     num_vectors: int = 1                     # embedding vectors of the token (diffusers' --num_vectors)
     learnable_property: str = "object"       # object or style: which prompt templates (diffusers' recipe)
-    # ComFusion (--method comfusion, methods.md section 2); its four loss weights are instance_loss_weight,
+    # ComFusion (--method comfusion, docs/methods.md section 2); its four loss weights are instance_loss_weight,
     # prior_loss_weight (the class-scene prior), visual_loss_weight and textual_loss_weight [ours: 1, 1, 0.1, 0.1]
     scenes: str | None = None                # text file, one scene phrase per line (None: DEFAULT_SCENES)
     num_scene_images: int = 20               # class-scene prior images per scene
@@ -148,14 +148,14 @@ class TrainConfig:
     textual_loss_weight: float = 0.1         # weight of the textual (CLIP) fusion loss
     dino_model: str = "facebook/dino-vits16"   # DINO for ComFusion's loss (PhotoVerse: the face loss's fallback)
     clip_model: str | None = None            # CLIP of the loss (None: the method's DEFAULT_CLIP; PhotoVerse: ViT-L/14)
-    # object-driven one-shot (--method objectdriven, methods.md section 3)
+    # object-driven one-shot (--method objectdriven, docs/methods.md section 3)
     instance_mask: str | None = None         # the object's mask (white = object), the size of the one instance image
     objects: str | None = None               # JSON list of {"image", "mask", "class", "token"}, paths relative to it
     background_weight: float = 0.0           # weight of the pixels outside the mask in L_os, in [0, 1]
     pe_steps: int = 200                      # stage 1: Adam steps on each new token's row [ours]
     pe_lr: float = 1e-3                      # stage 1 learning rate [ours]
     token_lr: float = 1e-4                   # stage 2: the new rows' learning rate (LoRA: --learning_rate) [ours]
-    # PhotoVerse (--method photoverse; photoverse.py, photoverse_train.py, methods.md section 4): --instance_data_dir
+    # PhotoVerse (--method photoverse; photoverse.py, photoverse_train.py, docs/methods.md section 4): --instance_data_dir
     # is a folder of aligned faces; --clip_model defaults to CLIP ViT-L/14, --dino_model is the face loss's fallback
     vision_layers: str = "last,4,8,12,16"    # CLIP hidden states the adapters read [ours, ELITE's layers and order]
     adapter_dim: int = 1024                  # adapter width [paper]
@@ -560,7 +560,7 @@ def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, in
 
 
 def export_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
-    """--export, for the final output only (issue 5): kohya writes the LoRA in the kohya / A1111 / ComfyUI layout
+    """--export, for the final output only: kohya writes the LoRA in the kohya / A1111 / ComfyUI layout
     beside the diffusers one; single_file writes the trained model, LoRA merged, as one original-layout file.
     Both fp16, export.py's default."""
     if cfg.export == "kohya":
@@ -723,7 +723,7 @@ def train(cfg: TrainConfig) -> SDModels:
                     s = models.vae.config.scaling_factor
                     latent_cache[(id(im), flip)] = (dist_.mean * s, dist_.std * s, crop)
 
-    # 3. optimizer and learning-rate schedule (AdamW, Loshchilov & Hutter 2019; settings from methods.md)
+    # 3. optimizer and learning-rate schedule (AdamW, Loshchilov & Hutter 2019; settings from docs/methods.md section 1)
     if cfg.scale_lr:                            # diffusers' --scale_lr: the rate of the whole (global) batch
         for g in groups:
             g["lr"] *= cfg.train_batch_size * cfg.gradient_accumulation_steps * world

@@ -237,7 +237,7 @@ SD_ONLY = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The fields of `vae/config.json` that vary; defaults are SD 1.x/2.x's VAE (sd-reference.md)."""
+    """The fields of `vae/config.json` that vary; defaults are SD 1.x/2.x's VAE (docs/sd-reference.md section 3)."""
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 4
@@ -246,7 +246,7 @@ class VAEConfig:
     out_channels: int = 3
     sample_size: int = 512
     # Latents are multiplied by this before the UNet sees them (LDM's `scale_factor`, chosen so they have
-    # unit variance). diffusers' default, and the value when SD2's config.json leaves it out (sd-reference.md).
+    # unit variance). diffusers' default, also when SD2's config.json leaves it out (docs/sd-reference.md section 3).
     scaling_factor: float = 0.18215
     # SDXL's VAE (scaling_factor 0.13025) overflows in float16, so its file sets force_upcast and diffusers decodes
     # in float32 unless a fixed VAE says false. diffusers' default is true, but the SD1/2 files predate the key and
@@ -298,7 +298,7 @@ class VAEConfig:
 
 
 PRESETS = {
-    # SD 1.x and 2.x share one VAE: [128, 256, 512, 512], 2 layers per level, 4 latent channels (sd-reference.md).
+    # SD 1.x/2.x's one VAE: [128, 256, 512, 512], 2 layers per level, 4 latent channels (docs/sd-reference.md section 3)
     "sd15": VAEConfig(),
     # SD 2.x's file says sample_size 768 (even 2.1-base's); diffusers uses it only for tiling, we never do.
     "sd21": VAEConfig(sample_size=768),

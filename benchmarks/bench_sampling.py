@@ -1,6 +1,6 @@
 """Seconds per image: our `sample.generate` against diffusers' `StableDiffusionPipeline`, same weights, same run.
 
-Scenario (c) of the performance issue, and the "Speed" item of issue 3 (tiny model, CPU):
+Scenario (c), the seconds per image the README quotes (tiny model, CPU):
 
     one prompt, 50 DDIM steps, classifier-free guidance 7.5 (the UNet sees a batch of 2: negative "" and
     the prompt), eta 0, then the VAE decode and the conversion to a PIL image, at --size pixels.
@@ -13,7 +13,7 @@ Scenario (c) of the performance issue, and the "Speed" item of issue 3 (tiny mod
 Both time the whole call: prompt encoding, the denoising loop, the decode, the PIL conversion. The two
 images are compared once (max pixel difference) to show both compute the same thing.
 
-    python benchmarks/bench_sampling.py --config tiny                 # issue 3: s/image, tiny model, CPU
+    python benchmarks/bench_sampling.py --config tiny                 # seconds per image, tiny model, CPU
     python benchmarks/bench_sampling.py --config mid --repeats 3
     python benchmarks/bench_sampling.py --config sd15 --device cuda --dtype float16
 """

@@ -1,4 +1,4 @@
-"""Every personalization method on the toy world, one table (issue 9, acceptance 3).
+"""Every personalization method on the toy world, one table.
 
     python benchmarks/bench_toy_methods.py                        # all methods, the demo subjects, ~15 min on 2 cores
     python benchmarks/bench_toy_methods.py --methods dreambooth,textual_inversion --subjects checkered_star

@@ -1,6 +1,6 @@
 """One DreamBooth training step: train.py's step against the step of diffusers' example scripts, same weights.
 
-Scenarios (performance issue, (a) and (b)); every step is batch 1 instance + 1 class image (prior
+Scenarios (a) full fine-tuning and (b) LoRA; every step is batch 1 instance + 1 class image (prior
 preservation, both halves through the UNet as one batch of 2), AdamW, gradient clipping at 1.0:
 
     full       (a) the whole UNet trains, fp32 master weights

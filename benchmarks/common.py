@@ -58,7 +58,7 @@ CONFIGS = {  # name -> (UNet, VAE, text encoder) configs
 }
 # Default image sides in pixels. tiny: sampling at the UNet's native size (sample_size 16 -> 128 px, what
 # `python sample.py --model runs/tiny-model` makes), training at train.py --demo's 64 px. mid: 128 px, so
-# that a run stays within minutes on 2 CPU cores. sd15: 512 px, the issue's setting.
+# that a run stays within minutes on 2 CPU cores. sd15: 512 px, SD 1.5's native size.
 SAMPLE_SIZE = {"tiny": 128, "mid": 128, "sd15": 512}
 TRAIN_SIZE = {"tiny": 64, "mid": 128, "sd15": 512}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -191,7 +191,7 @@ def sample_images(seed=0):
 
 def test_clip_and_dino_preprocessing_match_transformers():
     """Both run PIL's bicubic resize on the same uint8 image, then the same float32 arithmetic, so we require
-    1e-5 (the issue allows 1e-2 per value, about 2/3 of one uint8 step after dividing by CLIP's std 0.27)."""
+    1e-5 (a bound of 1e-2 per value would be about 2/3 of one uint8 step after dividing by CLIP's std 0.27)."""
     clip_ref = CLIPImageProcessor()  # openai/clip-vit-*'s preprocessor_config.json is this default
     dino_ref = CLIPImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                                   image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)

@@ -147,7 +147,7 @@ def test_full_size_matches_diffusers_on_meta():
         ref = AutoencoderKL.from_config(SD15_HUB_CONFIG)
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
-    assert sum(p.numel() for p in ours.parameters()) == 83_653_863  # sd-reference.md
+    assert sum(p.numel() for p in ours.parameters()) == 83_653_863  # docs/sd-reference.md section 3
     assert not list(ours.buffers())
 
 

@@ -9,7 +9,8 @@ star, ...) is present when its shape fits the pixels near either of its colours,
 colours cover a fair share of the fitted silhouette, so a plain star in one of its colours is not the subject.
 
     detect(image, "red")                 -> {"shape": "star", "iou": 0.81, "x": 30, "y": 33, "r": 14, "present": True}
-    detect_any(image)                    -> the best fit over the world's colours (a class prompt names no colour)
+    detect_any(image)                    -> the best fit over the world's colours and the foreground (a class
+                                            prompt names no colour; its objects may mix several)
     subject_present(image, "checkered_star") -> {"present": True, "iou": ..., "shares": (0.52, 0.41)}
 
 The correlations of a mask with every shifted silhouette are computed at once by FFT (the mask padded to 128 px
@@ -32,6 +33,9 @@ MIN_RADIUS = 9.5               # a fit smaller than this is a cloud or a speck, 
 COMPONENTS = 3                 # the largest connected regions of a colour mask that are fitted, each on its own
 MIN_SUBJECT_IOU = 0.5          # a subject's silhouette fit must be at least this good
 MIN_SHARE = 0.10               # a two-colour subject: each colour covers at least this share of its silhouette
+RING = 4                       # detect_any: the outer pixels that sample the scene (objects are drawn away from them)
+BACKGROUND_TOL = 30.0          # detect_any: a pixel farther than this from every ring pixel's colour is foreground
+MAX_HOLE = 60                  # detect_any: enclosed background regions smaller than this are filled (checker cells)
 PAD = 2 * world.SIZE
 
 
@@ -76,10 +80,8 @@ def segment_distance(pixels: np.ndarray, a, b) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.norm(pixels - (a + t[..., None] * (b - a)), axis=-1), t
 
 
-def components(mask: np.ndarray) -> list[np.ndarray]:
-    """The COMPONENTS largest 4-connected regions of a boolean mask with >= MIN_PIXELS pixels, largest first. The
-    world outlines every object in a dark rim, so an object is its own region even on a background of its colour
-    (a white shape in the snow)."""
+def label(mask: np.ndarray) -> np.ndarray:
+    """4-connected regions of a boolean mask: each masked pixel holds its region's smallest pixel index."""
     big = np.iinfo(np.int64).max
     labels = np.where(mask, np.arange(mask.size).reshape(mask.shape), big)
     while True:                                    # every pixel takes the smallest label among its neighbours
@@ -87,8 +89,15 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
         new = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
         new = np.where(mask, new, big)
         if (new == labels).all():
-            break
+            return labels
         labels = new
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The COMPONENTS largest 4-connected regions of a boolean mask with >= MIN_PIXELS pixels, largest first. The
+    world outlines every object in a dark rim, so an object is its own region even on a background of its colour
+    (a white shape in the snow)."""
+    labels = label(mask)
     ids, counts = np.unique(labels[mask], return_counts=True)
     order = np.argsort(-counts)
     return [labels == ids[i] for i in order[:COMPONENTS] if counts[i] >= MIN_PIXELS]
@@ -114,15 +123,55 @@ def detect(image, colour: str) -> dict:
     return _result(colour_distance(to_array(image), world.COLOURS[colour]) < COLOUR_TOL)
 
 
+def foreground(image) -> np.ndarray:
+    """The pixels unlike every pixel of the image's outer RING: an object in any colours, blends and patterns
+    included. A generated "a star" (no colour word) often mixes colours that no one-colour mask holds whole. The
+    world draws one object within 6 px of the middle (world.CENTRE_JITTER), so the ring samples only the scene, its
+    texture included (a brick wall's mortar, the snow's shading)."""
+    pixels = to_array(image)
+    ring = np.concatenate([pixels[:RING], pixels[-RING:], pixels[:, :RING].swapaxes(0, 1),
+                           pixels[:, -RING:].swapaxes(0, 1)]).reshape(-1, 3)[::3]     # every third: enough, faster
+    nearest = np.full(pixels.shape[:2], np.inf, np.float32)
+    for chunk in np.array_split(ring, 8):          # distance to the nearest ring colour, a few hundred at a time
+        nearest = np.minimum(nearest, np.linalg.norm(pixels[:, :, None] - chunk, axis=-1).min(-1))
+    return nearest > BACKGROUND_TOL
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with the small regions it encloses added (fewer than MAX_HOLE pixels, out of the border's reach):
+    the cells of a checkered object whose colour is also the scene's, not a ring's hole."""
+    labels = label(~mask)
+    ids, counts = np.unique(labels[~mask], return_counts=True)
+    edge = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()]))
+    small = ids[(counts < MAX_HOLE) & ~np.isin(ids, edge)]
+    return mask | np.isin(labels, small)
+
+
+def nearest_colour(image, fitted: dict) -> str:
+    """The world's colour nearest to the median pixel inside a fitted silhouette."""
+    inside = to_array(image)[silhouette_at(fitted["shape"], fitted["x"], fitted["y"], fitted["r"])]
+    median = np.median(inside, axis=0) if len(inside) else np.zeros(3, np.float32)
+    return min(world.COLOURS, key=lambda c: float(colour_distance(median, world.COLOURS[c])))
+
+
 def detect_any(image) -> dict:
-    """detect() for every colour of the world; the best fit wins (a prompt without a colour word)."""
-    best = max((dict(detect(image, c), colour=c) for c in world.COLOURS), key=lambda d: d["iou"])
+    """The best fit over detect() in every colour of the world and over the foreground (a prompt without a colour
+    word: the object may be any colour, or several); "colour" names the one asked, or for a foreground fit the
+    world's colour nearest to its median pixel."""
+    found = [dict(detect(image, c), colour=c) for c in world.COLOURS]
+    mask = foreground(image)
+    for fg in (_result(mask), _result(fill_holes(mask))):   # with its holes filled, and as it is (a ring's hole)
+        if fg["shape"] is not None:
+            found.append(dict(fg, colour=nearest_colour(image, fg)))
+    best = max(found, key=lambda d: d["iou"])
     return best if best["present"] else {**best, "shape": None}
 
 
 def shape_present(image, shape: str, colour: str | None = None) -> bool:
-    """Is there an object of `shape` (in `colour`, or in any colour of the world)?"""
-    return any((d := detect(image, c))["present"] and d["shape"] == shape for c in ([colour] if colour else world.COLOURS))
+    """Is there an object of `shape` (in `colour`, or in any colours: detect_any)?"""
+    if colour:
+        return (d := detect(image, colour))["present"] and d["shape"] == shape
+    return detect_any(image)["shape"] == shape
 
 
 def silhouette_at(shape: str, x: float, y: float, r: float) -> np.ndarray:

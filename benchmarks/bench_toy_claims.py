@@ -70,7 +70,8 @@ VARIANTS = ("dreambooth", "dreambooth_no_prior", "dreambooth_lora", "textual_inv
 FACE_IDENTITIES = range(1000, 1003)       # PhotoVerse's held-out identities, one per "subject" slot
 FACE_TRAIN_IDENTITIES = range(0, 200)     # its pretraining identities (world.py --faces' default)
 PV_FLAGS = ["--clip_model", str(TOY / "clip"), "--dino_model", str(TOY / "dino"), "--vision_layers", "last,1,2,3",
-            "--adapter_dim", "64", "--resolution", "64", "--train_batch_size", "8", "--device", "cpu",
+            "--adapter_dim", "64", "--resolution", "64", "--train_batch_size", "8", "--learning_rate", "5e-4",
+            "--device", "cpu",
             "--checkpointing_steps", "100000"]
 # face_id.py reads a face on the world's pale face background, so PhotoVerse's prompts vary the wording, not the scene
 PV_PROMPTS = ["a photo of S*", "a portrait of S*", "a picture of S*"]
@@ -192,13 +193,18 @@ def run_subject(variant: str, subject: str, seed: int, args, work: Path) -> dict
     n = args.num_images * len(prompts)
     per_image = timed_sample(["--model", str(run / "model"), "--out", str(run / "images"), *sample_flags(args, seed),
                               *prompts_flags(prompts)], n)
-    row = {"variant": variant, "subject": subject, "seed": seed, "train_seconds": round(seconds, 2),
-           "seconds_per_image": round(per_image, 3), "trained_parameters": trained_parameters(run / "model", method),
-           **toy_scores(run / "images", subject, token, run / "eval")}
     if method != "textual_inversion":           # a class word was trained with: does its prompt drift?
-        class_prompts = [f"a {cls} {s}" for s in SCENES]
         sample.main(["--model", str(run / "model"), "--out", str(run / "class_images"), *sample_flags(args, seed),
-                     *prompts_flags(class_prompts)])
+                     *prompts_flags([f"a {cls} {s}" for s in SCENES])])
+    return {"variant": variant, "subject": subject, "seed": seed, "train_seconds": round(seconds, 2),
+            "seconds_per_image": round(per_image, 3), "trained_parameters": trained_parameters(run / "model", method),
+            **subject_scores(run, subject, token, method)}
+
+
+def subject_scores(run: Path, subject: str, token: str, method: str) -> dict:
+    """The scores of one run_subject run, from the images it wrote (instance prompts, and class prompts)."""
+    row = toy_scores(run / "images", subject, token, run / "eval")
+    if (run / "class_images").is_dir():
         drift = toy_scores(run / "class_images", subject, token, run / "class_eval")
         row |= {"class_drift": drift["subject_present"], "class_shape": drift["shape_present"],
                 **diversity(run / "class_images")}
@@ -231,16 +237,36 @@ def run_two_objects(subject: str, seed: int, args, work: Path) -> dict:
     prompts = [f"a <o1> {a} and a <o2> {b} {s}" for s in SCENES]
     per_image = timed_sample(["--model", str(run / "model"), "--out", str(run / "images"), *sample_flags(args, seed),
                               *prompts_flags(prompts)], args.num_images * len(prompts))
+    return {"variant": "objectdriven_two", "subject": f"{subject}+{other}", "seed": seed,
+            "train_seconds": round(seconds, 2), "seconds_per_image": round(per_image, 3),
+            "trained_parameters": trained_parameters(run / "model", "objectdriven"),
+            **two_object_scores(run, subject, other)}
+
+
+def two_object_scores(run: Path, subject: str, other: str) -> dict:
+    """The scores of one run_two_objects run, from the images it wrote."""
     images = image_list(run / "images")
     first = [detector.subject_present(im, subject)["present"] for im in images]
     second = [detector.subject_present(im, other)["present"] for im in images]
     scores = toy_scores(run / "images", subject, "<o1>", run / "eval")
-    return {"variant": "objectdriven_two", "subject": f"{subject}+{other}", "seed": seed,
-            "train_seconds": round(seconds, 2), "seconds_per_image": round(per_image, 3),
-            "trained_parameters": trained_parameters(run / "model", "objectdriven"),
-            "subject_present": float(np.mean(first)), "second_present": float(np.mean(second)),
+    return {"subject_present": float(np.mean(first)), "second_present": float(np.mean(second)),
             "both_present": float(np.mean([x and y for x, y in zip(first, second)])),
             "scene_acc": scores["scene_acc"], "prompt_align": scores["prompt_align"]}
+
+
+def rescore(row: dict, work: Path) -> dict:
+    """A kept row with its scores computed again from its run's images (after a change to detector.py or eval.py);
+    times and parameter counts are kept. The face variants' face_id.py scores are computed again too."""
+    variant, seed = row["variant"], row["seed"]
+    if variant in ("photoverse", "dreambooth_face"):
+        identity = int(row["subject"].split()[-1])
+        run = work / variant / f"identity{identity}" / f"seed{seed}"
+        return row | identity_scores(run / "images", identity, [i for i in FACE_IDENTITIES if i != identity])
+    if variant == "objectdriven_two":
+        subject, other = row["subject"].split("+")
+        return row | two_object_scores(work / variant / subject / f"seed{seed}", subject, other)
+    method, token, _ = flags_of(variant)
+    return row | subject_scores(work / variant / row["subject"] / f"seed{seed}", row["subject"], token, method)
 
 
 def identity_scores(images: Path, identity: int, others: list[int]) -> dict:
@@ -251,19 +277,24 @@ def identity_scores(images: Path, identity: int, others: list[int]) -> dict:
     return {"identity": float(np.mean(own)), "identity_chance": float(np.mean(chance)) if chance else None}
 
 
-def photoverse_adapter(seed: int, args, work: Path) -> tuple[Path, float, int]:
-    """PhotoVerse's adapters pretrained once per seed on the training identities' faces: (folder, seconds,
-    trained parameters)."""
-    faces, out = work / "faces", work / "photoverse" / f"adapter-seed{seed}-steps{args.photoverse_steps}"
+def photoverse_adapter(args, work: Path) -> tuple[Path, float, int]:
+    """PhotoVerse's adapters, pretrained once on the training identities' faces: --adapter (the shipped one,
+    assets/toy/photoverse, whose recipe.json records its pretraining seconds), else pretrained here on
+    --face_model for --photoverse_steps steps. (folder, pretraining seconds, trained parameters)."""
+    if args.adapter:
+        out = Path(args.adapter)
+        seconds = json.loads((out / "recipe.json").read_text())["seconds"] if (out / "recipe.json").is_file() else 0.0
+        return out, float(seconds), trained_parameters(out, "photoverse")
+    faces, out = work / "faces", work / "photoverse" / f"adapter-steps{args.photoverse_steps}"
     if not (faces / "boxes.json").is_file():
         world.write_faces(faces, FACE_TRAIN_IDENTITIES, 8)
     if not (out / "photoverse.safetensors").is_file():
         t0 = time.time()
-        train.main(["--method", "photoverse", "--pretrained_model_name_or_path", str(TOY / "model"),
+        train.main(["--method", "photoverse", "--pretrained_model_name_or_path", str(args.face_model),
                     "--instance_data_dir", str(faces), *PV_FLAGS, "--max_train_steps", str(args.photoverse_steps),
-                    "--seed", str(seed), "--output_dir", str(out)])
-        (out / "seconds.txt").write_text(f"{time.time() - t0:.2f}")
-    return out, float((out / "seconds.txt").read_text()), trained_parameters(out, "photoverse")
+                    "--seed", "0", "--output_dir", str(out)])
+        (out / "recipe.json").write_text(json.dumps({"seconds": round(time.time() - t0, 2)}))
+    return out, float(json.loads((out / "recipe.json").read_text())["seconds"]), trained_parameters(out, "photoverse")
 
 
 def run_face(variant: str, slot: int, seed: int, args, work: Path) -> dict:
@@ -278,14 +309,15 @@ def run_face(variant: str, slot: int, seed: int, args, work: Path) -> dict:
     world.face(identity, 0).save(ref / "00.png")
     n = args.num_images * len(PV_PROMPTS)
     if variant == "photoverse":
-        adapter, seconds, params = photoverse_adapter(seed, args, work)
+        adapter, seconds, params = photoverse_adapter(args, work)
         t0 = time.time()
-        sample.main(["--method", "photoverse", "--adapter", str(adapter), "--face", str(ref / "00.png"),
+        sample.main(["--method", "photoverse", "--adapter", str(adapter), "--model", str(args.face_model),
+                     "--face", str(ref / "00.png"),
                      "--out", str(run / "images"), *sample_flags(args, seed), *prompts_flags(PV_PROMPTS)])
         per_image = (time.time() - t0) / n
         first_image = per_image                  # no tuning: the first image comes after generation alone
     else:
-        argv = ["--method", "dreambooth", "--pretrained_model_name_or_path", str(TOY / "model"), *COMMON,
+        argv = ["--method", "dreambooth", "--pretrained_model_name_or_path", str(args.face_model), *COMMON,
                 "--instance_data_dir", str(ref), "--instance_prompt", "a photo of sks face", "--learning_rate", "2e-4",
                 "--seed", str(seed), "--max_train_steps", str(args.steps)]
         seconds = timed_train(argv, run / "model", work / "warmup" / variant)
@@ -349,7 +381,12 @@ def parse_args(argv=None):
                    "variants use as many held-out identities")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every per-subject method")
-    p.add_argument("--photoverse_steps", type=int, default=2000, help="PhotoVerse's pretraining steps (once per seed)")
+    p.add_argument("--photoverse_steps", type=int, default=1500, help="PhotoVerse's pretraining steps, when no "
+                   "--adapter is given (once, seed 0; the seeds vary the sampling)")
+    p.add_argument("--adapter", default=str(TOY / "photoverse") if (TOY / "photoverse").is_dir() else None,
+                   help="a pretrained PhotoVerse adapter folder (default: the shipped assets/toy/photoverse)")
+    p.add_argument("--face_model", default=str(TOY / "face_model"), help="the base model of the face variants: "
+                   "the toy model with faces in its training (pretrain.py --faces)")
     p.add_argument("--num_images", type=int, default=4, help="images per prompt")
     p.add_argument("--num_class_images", type=int, default=50, help="prior images (ComFusion: a tenth per scene)")
     p.add_argument("--sample_steps", type=int, default=25, help="DDIM steps of every image, prior images included")
@@ -358,6 +395,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default="runs/bench_toy_claims")
     p.add_argument("--name", default="toy_claims")
+    p.add_argument("--rescore", action="store_true", help="kept runs: score their images again (after a change "
+                   "to detector.py, face_id.py or eval.py) instead of reusing their scores")
     p.add_argument("--fresh", action="store_true", help="run everything again (default: reuse the rows of runs "
                    "already made with the same settings, kept under --work/rows)")
     args = p.parse_args(argv)
@@ -391,9 +430,10 @@ def main(argv=None) -> dict:
                 # rows of runs with the same settings; --fresh runs everything again
                 done = work / "rows" / f"{variant}-{subject}-seed{seed}.json"
                 key = {k: v for k, v in vars(args).items() if k not in ("methods", "subjects", "seeds", "threads",
-                                                                         "work", "name", "fresh")}
+                                                                         "work", "name", "fresh", "rescore")}
                 if not args.fresh and done.is_file() and json.loads(done.read_text())["settings"] == key:
-                    rows.append(json.loads(done.read_text())["row"])
+                    kept = json.loads(done.read_text())["row"]
+                    rows.append(rescore(kept, work) if args.rescore else kept)
                 elif variant in ("photoverse", "dreambooth_face"):
                     rows.append(run_face(variant, slot, seed, args, work))
                 elif variant == "objectdriven_two":

@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test setup setup-test clean toy-model
+.PHONY: demo test setup setup-test clean toy-model toy-faces
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,19 @@ toy-model: $(VENV)/.runtime
 	$(PY) pretrain.py --stage vae --threads 1 --work_dir runs/pretrain
 	$(PY) pretrain.py --stage vae --init_from assets/toy/model --max_train_steps 1000 --train_batch_size 16 --threads 1 --work_dir runs/pretrain-round2
 	$(PY) pretrain.py --stage sd --text_encoder runs/toy-text-encoder --threads 1 --work_dir runs/pretrain
+
+# The toy model that also draws faces (assets/toy/face_model) and PhotoVerse's adapter on it (assets/toy/photoverse),
+# as they were made (README, "PhotoVerse on toy faces"): a decoder round and a UNet round of the shipped toy model
+# with world.face images mixed in (identities 0-999; PhotoVerse's held-out ones are 1000 and up), then PhotoVerse's
+# pretraining on 200 identities x 8 images.
+toy-faces: $(VENV)/.runtime
+	rm -rf runs/facemodel && mkdir -p runs/facemodel && cp -r assets/toy/model assets/toy/clip runs/facemodel/
+	$(PY) pretrain.py --stage vae --init_from runs/facemodel/model --faces 0.3 --patterns 0.2 --max_train_steps 800 --train_batch_size 16 --threads 1 --work_dir runs/pretrain --output_dir runs/facemodel
+	$(PY) pretrain.py --stage sd --init_from runs/facemodel/model --faces 0.25 --max_train_steps 1500 --learning_rate 3e-4 --warmup_steps 100 --threads 1 --work_dir runs/pretrain --output_dir runs/facemodel
+	rm -rf assets/toy/face_model && cp -r runs/facemodel/model assets/toy/face_model && cp runs/facemodel/pretrain.json assets/toy/face_model/pretrain.json
+	$(PY) world.py --faces runs/faces-pv --identities 200 --per_identity 8
+	OMP_NUM_THREADS=1 $(PY) train.py --method photoverse --pretrained_model_name_or_path assets/toy/face_model --instance_data_dir runs/faces-pv --clip_model assets/toy/clip --dino_model assets/toy/dino --vision_layers last,1,2,3 --adapter_dim 64 --resolution 64 --train_batch_size 8 --learning_rate 5e-4 --max_train_steps 1500 --output_dir runs/pv-toy --device cpu --checkpointing_steps 500 --overwrite_output_dir
+	mkdir -p assets/toy/photoverse && cp runs/pv-toy/photoverse.safetensors assets/toy/photoverse/
 
 clean:
 	rm -rf $(VENV) runs

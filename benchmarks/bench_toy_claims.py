@@ -142,9 +142,9 @@ def toy_scores(images: Path, subject: str, token: str, out: Path) -> dict:
             "scene_acc": m.get("scene_acc"), "prompt_align": m["clip_t"]}
 
 
-def diversity(images: Path) -> dict:
+def diversity(images: Path, found: list[dict] | None = None) -> dict:
     """Distinct colours and shapes detector.py finds among a folder's images (None: no object found)."""
-    found = [detector.detect_any(sample_image) for sample_image in image_list(images)]
+    found = found or [detector.detect_any(sample_image) for sample_image in image_list(images)]
     present = [d for d in found if d["present"]]
     return {"class_colours": len({d["colour"] for d in present}), "class_shapes": len({d["shape"] for d in present}),
             "class_objects": len(present) / max(len(found), 1)}
@@ -255,80 +255,15 @@ def two_object_scores(run: Path, subject: str, other: str) -> dict:
 
 
 def rescore(row: dict, work: Path) -> dict:
-    """A kept row with its scores computed again from its run's images (after a change to detector.py or eval.py);
-    times and parameter counts are kept. The face variants' face_id.py scores are computed again too."""
-    variant, seed = row["variant"], row["seed"]
-    if variant in ("photoverse", "dreambooth_face"):
-        identity = int(row["subject"].split()[-1])
-        run = work / variant / f"identity{identity}" / f"seed{seed}"
-        return row | identity_scores(run / "images", identity, [i for i in FACE_IDENTITIES if i != identity])
-    if variant == "objectdriven_two":
-        subject, other = row["subject"].split("+")
-        return row | two_object_scores(work / variant / subject / f"seed{seed}", subject, other)
-    method, token, _ = flags_of(variant)
-    return row | subject_scores(work / variant / row["subject"] / f"seed{seed}", row["subject"], token, method)
-
-
-def identity_scores(images: Path, identity: int, others: list[int]) -> dict:
-    """face_id.py's score of each image against the reference's identity, and against the other identities."""
-    ims = image_list(images)
-    own = [face_id.score(im, identity)["score"] for im in ims]
-    chance = [face_id.score(im, o)["score"] for im in ims for o in others]
-    return {"identity": float(np.mean(own)), "identity_chance": float(np.mean(chance)) if chance else None}
-
-
-def photoverse_adapter(args, work: Path) -> tuple[Path, float, int]:
-    """PhotoVerse's adapters, pretrained once on the training identities' faces: --adapter (the shipped one,
-    assets/toy/photoverse, whose recipe.json records its pretraining seconds), else pretrained here on
-    --face_model for --photoverse_steps steps. (folder, pretraining seconds, trained parameters)."""
-    if args.adapter:
-        out = Path(args.adapter)
-        seconds = json.loads((out / "recipe.json").read_text())["seconds"] if (out / "recipe.json").is_file() else 0.0
-        return out, float(seconds), trained_parameters(out, "photoverse")
-    faces, out = work / "faces", work / "photoverse" / f"adapter-steps{args.photoverse_steps}"
-    if not (faces / "boxes.json").is_file():
-        world.write_faces(faces, FACE_TRAIN_IDENTITIES, 8)
-    if not (out / "photoverse.safetensors").is_file():
-        t0 = time.time()
-        train.main(["--method", "photoverse", "--pretrained_model_name_or_path", str(args.face_model),
-                    "--instance_data_dir", str(faces), *PV_FLAGS, "--max_train_steps", str(args.photoverse_steps),
-                    "--seed", "0", "--output_dir", str(out)])
-        (out / "recipe.json").write_text(json.dumps({"seconds": round(time.time() - t0, 2)}))
-    return out, float(json.loads((out / "recipe.json").read_text())["seconds"]), trained_parameters(out, "photoverse")
-
-
-def run_face(variant: str, slot: int, seed: int, args, work: Path) -> dict:
-    """PhotoVerse (tuning-free, adapters pretrained once) or DreamBooth on one reference face of a held-out
-    identity; both scored with face_id.py."""
-    identity = FACE_IDENTITIES[slot]
-    others = [i for i in FACE_IDENTITIES if i != identity]
-    run = work / variant / f"identity{identity}" / f"seed{seed}"
-    shutil.rmtree(run, ignore_errors=True)     # a rerun starts clean (sample.py adds a new set to a used folder)
-    ref = run / "reference"
-    ref.mkdir(parents=True, exist_ok=True)
-    world.face(identity, 0).save(ref / "00.png")
-    n = args.num_images * len(PV_PROMPTS)
-    if variant == "photoverse":
-        adapter, seconds, params = photoverse_adapter(args, work)
-        t0 = time.time()
-        sample.main(["--method", "photoverse", "--adapter", str(adapter), "--model", str(args.face_model),
-                     "--face", str(ref / "00.png"),
-                     "--out", str(run / "images"), *sample_flags(args, seed), *prompts_flags(PV_PROMPTS)])
-        per_image = (time.time() - t0) / n
-        first_image = per_image                  # no tuning: the first image comes after generation alone
-    else:
-        argv = ["--method", "dreambooth", "--pretrained_model_name_or_path", str(args.face_model), *COMMON,
-                "--instance_data_dir", str(ref), "--instance_prompt", "a photo of sks face", "--learning_rate", "2e-4",
-                "--seed", str(seed), "--max_train_steps", str(args.steps)]
-        seconds = timed_train(argv, run / "model", work / "warmup" / variant)
-        params = trained_parameters(run / "model", "dreambooth")
-        prompts = [p.replace("S*", "sks face") for p in PV_PROMPTS]
-        per_image = timed_sample(["--model", str(run / "model"), "--out", str(run / "images"),
-                                  *sample_flags(args, seed), *prompts_flags(prompts)], n)
-        first_image = seconds + per_image
-    return {"variant": variant, "subject": f"face {identity}", "seed": seed, "train_seconds": round(seconds, 2),
-            "seconds_per_image": round(per_image, 3), "seconds_to_first_image": round(first_image, 2),
-            "trained_parameters": params, **identity_scores(run / "images", identity, others)}
+    """A kept row with its detector-only class-prompt scores computed again from its run's images (class_shape and
+    the colours and shapes among them, after a change to detector.detect_any); every other number is kept."""
+    run = work / row["variant"] / row["subject"] / f"seed{row['seed']}"
+    if row["variant"] in ("photoverse", "dreambooth_face", "objectdriven_two") or not (run / "class_images").is_dir():
+        return row
+    found = [detector.detect_any(im) for im in image_list(run / "class_images")]
+    cls = subject_class(row["subject"])
+    return row | {"class_shape": float(np.mean([d["shape"] == cls for d in found])),
+                  **diversity(run / "class_images", found)}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -395,8 +330,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default="runs/bench_toy_claims")
     p.add_argument("--name", default="toy_claims")
-    p.add_argument("--rescore", action="store_true", help="kept runs: score their images again (after a change "
-                   "to detector.py, face_id.py or eval.py) instead of reusing their scores")
+    p.add_argument("--rescore", action="store_true", help="kept runs: compute their class-prompt detector scores "
+                   "again (after a change to detector.detect_any) instead of reusing them")
     p.add_argument("--fresh", action="store_true", help="run everything again (default: reuse the rows of runs "
                    "already made with the same settings, kept under --work/rows)")
     args = p.parse_args(argv)

@@ -309,6 +309,10 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+RUN_SETTINGS = ("steps", "num_images", "num_class_images", "sample_steps", "guidance")   # what a kept row must match
+FACE_SETTINGS = ("photoverse_steps", "adapter", "face_model")                           # and a face variant's too
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
@@ -364,12 +368,13 @@ def main(argv=None) -> dict:
                 # each run's row is kept beside its images: a rerun (or a stopped run, started again) reuses the
                 # rows of runs with the same settings; --fresh runs everything again
                 done = work / "rows" / f"{variant}-{subject}-seed{seed}.json"
-                key = {k: v for k, v in vars(args).items() if k not in ("methods", "subjects", "seeds", "threads",
-                                                                         "work", "name", "fresh", "rescore")}
-                if not args.fresh and done.is_file() and json.loads(done.read_text())["settings"] == key:
+                face = variant in ("photoverse", "dreambooth_face")
+                key = {k: getattr(args, k) for k in RUN_SETTINGS + (FACE_SETTINGS if face else ())}
+                kept_key = json.loads(done.read_text())["settings"] if done.is_file() else None
+                if not args.fresh and kept_key and {k: kept_key.get(k) for k in key} == key:
                     kept = json.loads(done.read_text())["row"]
                     rows.append(rescore(kept, work) if args.rescore else kept)
-                elif variant in ("photoverse", "dreambooth_face"):
+                elif face:
                     rows.append(run_face(variant, slot, seed, args, work))
                 elif variant == "objectdriven_two":
                     rows.append(run_two_objects(subject, seed, args, work))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hub import ModelLoadError
+from pipeline import default_device
 
 
 class Parser(argparse.ArgumentParser):
@@ -135,7 +136,6 @@ def check_out_file(flag: str, path, suffix: str | None = None) -> Path:
 
 def check_device(name: str) -> str:
     """'auto' -> the best device here; otherwise the name must be a torch device this machine has."""
-    from sample import default_device
     if name == "auto":
         return default_device()
     try:

@@ -1,17 +1,25 @@
-"""Training images: read any image file as RGB, resize, crop, flip, and map to [-1, 1].
+"""Images in and out: read any image file as RGB, resize, crop, flip, and map to [-1, 1]; write PNGs and grids.
 
 Users hand DreamBooth whatever their phone or the web gave them, so every PIL mode is accepted: EXIF
 rotation is applied, transparency (RGBA, LA, P with a transparent colour) is composited on white,
 16-bit greyscale is scaled to 8 bits, CMYK/L/P are converted. A file that cannot be read is an error
 naming it, raised before training starts.
 
+Generated images go out as PNGs with their settings in text chunks, AUTOMATIC1111's `parameters` among them
+(`a1111_parameters`), which its PNG Info tab, Civitai and ComfyUI read; `png_text` reads them back.
+
 Shapes: a prepared image is (3, R, R) float32 in [-1, 1].
 """
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from hub import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -28,7 +36,7 @@ def list_images(folder, what: str = "instance") -> list[Path]:
 
 
 def png_text(path) -> dict:
-    """The text chunks of a PNG (sample.save_png writes the prompt, the seed, ...); {} for other images."""
+    """The text chunks of a PNG (`save_png` writes the prompt, the seed, ...); {} for other images."""
     if Path(path).suffix.lower() != ".png":
         return {}
     try:
@@ -82,3 +90,46 @@ def prepare_with_crop(im: Image.Image, resolution: int, center_crop: bool = True
     im = im.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
     return (x.flip(-1), (top, w - resolution - left)) if flip else (x, (top, left))
+
+
+# ----------------------------------------------------------------------------- writing
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(b, 3, H, W) in [-1, 1] -> PIL images, rounding as diffusers' `numpy_to_pil` does."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
+
+
+def save_png(image: Image.Image, path: Path, meta: dict) -> None:
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_text(k, str(v))
+    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "dpmpp": "DPM++ 2M", "euler": "Euler"}   # the names A1111 shows for ours
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float, seed: int,
+                     width: int, height: int, extra: dict | None = None) -> str:
+    """The `parameters` text chunk AUTOMATIC1111's web UI writes, which its PNG Info tab, Civitai and ComfyUI read:
+    the prompt, a `Negative prompt:` line (when there is one), then `Steps: N, Sampler: ..., CFG scale: ...,
+    Seed: ..., Size: WxH` and more `key: value` pairs (a value with a comma, colon or newline JSON-quoted, as
+    A1111 does)."""
+    def quote(v):
+        v = str(v)
+        return json.dumps(v) if any(c in v for c in ",:\n") else v
+    pairs = {"Steps": steps, "Sampler": A1111_SAMPLERS.get(sampler, sampler), "CFG scale": guidance, "Seed": seed,
+             "Size": f"{width}x{height}", **{k: v for k, v in (extra or {}).items() if v not in (None, "")}}
+    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
+    return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in pairs.items())])

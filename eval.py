@@ -52,11 +52,11 @@ from PIL import Image, ImageDraw, ImageOps
 import cli
 import detector
 import world
-from data import IMAGE_SUFFIXES, load_image
+from data import IMAGE_SUFFIXES, load_image, make_grid, save_png
 from face_encoder import IResNet
 from hub import ModelLoadError, atomic_write, looks_like_path, read_json
 from image_encoders import CLIPModel, FactorClassifier, ViTModel
-from sample import check_settings, generate, load_trained, make_grid, save_png
+from pipeline import check_settings, generate, load_trained
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

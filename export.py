@@ -16,8 +16,7 @@ import torch
 import cli
 from hub import ModelLoadError, looks_like_path, read_json
 from lora import lora_file, lora_to_kohya
-from sample import RESULT_INFO, load_trained
-from single_file import save_single_file
+from pipeline import RESULT_INFO, load_trained, save_single_file
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 

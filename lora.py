@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from hub import atomic_write, read_safetensors
+from single_file import rename, unet_blocks
 
 # The attention projections: what diffusers' DreamBooth LoRA script targets in the UNet.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -250,7 +251,6 @@ def is_sdxl_unet(model) -> bool:
 def sgm_names(unet, paths) -> dict[str, str]:
     """{our module path: its path in the original SDXL UNet layout} (`down_blocks.1.attentions.0...` ->
     `input_blocks.4.1...`), by single_file.py's block rules."""
-    from single_file import rename, unet_blocks  # single_file imports this module: import here
     return rename(paths, unet_blocks(unet.config))
 
 

@@ -18,7 +18,7 @@ marks as the README's method table.
 import torch
 import torch.nn.functional as F
 
-from sample import guided
+from schedulers import guided
 from schedulers import ddim_step
 
 

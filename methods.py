@@ -30,7 +30,7 @@ from data import list_images, load_image
 from hub import ModelLoadError, looks_like_path
 from image_encoders import CLIPModel, ViTModel
 from losses import clip_text_features, cosine_distance, prototypical_target
-from sample import SDModels
+from pipeline import SDModels
 
 # The CLIP a method's loss uses unless --clip_model says otherwise. ComFusion [ours]: the CLIP-T/CLIP-I scorer's
 # default in eval.py, so it is trained against the family that scores it. Object-driven: T must be SD1's own text

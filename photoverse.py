@@ -21,7 +21,7 @@ unet.py's `Attention` with two projections added (`to_k_s`, `to_v_s`); LoRA is l
 This is a different kind of training from train.py's: adapters over a face dataset, not a fine-tune on
 one subject's photos, and its models are more than `SDModels` (a CLIP image tower, the adapters, a face
 encoder). This file is the model and its use: the adapters, the dual-branch cross-attention and random fusion,
-the placeholder S*, the checkpoint, and inference (`sample.py --method photoverse` calls `sample_main`). Its
+the placeholder S*, the checkpoint, and inference (`face_condition`, which sample.py --method photoverse uses). Its
 pretraining (the loss, the face data, the loop) is photoverse_train.py; train.py's `--method photoverse` only
 dispatches to `photoverse_train.pretrain`.
 
@@ -45,13 +45,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from attention import attention
-from data import load_image, prepare
-from hub import ModelLoadError, atomic_write, looks_like_path, read_safetensors
+from data import prepare
+from hub import atomic_write, read_safetensors
 from image_encoders import CLIPModel, ViTModel
+import pipeline
 from lora import inject_lora, set_lora_scale
-from sample import (DEFAULT_MODEL, DTYPES, SDModels, check_settings, default_device, encode_prompts, generators,
-                    guided, initial_latents, load_models, read_prompts, to_pil, write_images)
-from schedulers import SAMPLERS
+from pipeline import SDModels, load_models, text_conditioning
 from unet import Attention
 
 PLACEHOLDER = "S*"                  # the word a prompt names the person with
@@ -453,12 +452,10 @@ def load_photoverse(adapter, model: str | None = None, dtype=torch.float32, devi
 
 
 @torch.no_grad()
-def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], negative_prompt: str | list[str] = "",
-             num_words: int = 1, gamma: float = 1.0, sigma: float = 1.0, seed: int = 0, steps: int = 50,
-             guidance: float = 7.5, sampler: str = "ddim", eta: float = 0.0, height: int = 512, width: int = 512,
-             latents: torch.Tensor | None = None, progress: bool = True, output: str = "pil",
-             face_mask: Image.Image | None = None):
-    """One image per prompt of the person in `face`: a single forward of the adapters, then sampling.
+def face_condition(models: PhotoVerseModels, face: Image.Image, num_words: int = 1, gamma: float = 1.0,
+                   sigma: float = 1.0, face_mask: Image.Image | None = None):
+    """The image condition of the person in `face`, as pipeline.generate's `condition`: one forward of the adapters
+    here, then for each batch of prompts the text with the pseudo-words and the image tokens in every cross-attention.
 
     face_mask: the face region of `face` (white = face, the image's size); given, the adapters see the 1.3x face crop
     with the rest masked, as in pretraining with masks or boxes (`reference_faces`); None: the whole aligned image.
@@ -467,13 +464,10 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
     gamma, sigma: the fusion weights, options at inference (default 1, 1 [paper]). With guidance, the
     unconditional half has no image branch (gamma 1, sigma 0) [ours, as ELITE and IP-Adapter drop the
     image condition from the unconditional prediction], so guidance strengthens the face too."""
-    check_settings(height, width, steps, guidance, sampler)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    check_prompts(prompts, negatives)
     if not 1 <= num_words <= len(models.config.vision_layers):
         raise ValueError(f"--num_words must be in 1..{len(models.config.vision_layers)} (one per CLIP layer), "
                          f"got {num_words}")
-    device, dtype, b = models.device, next(models.unet.parameters()).dtype, len(prompts)
+    device, dtype = models.device, next(models.unet.parameters()).dtype
     x = prepare(face, models.config.resolution)[None].to(device)          # as the pretraining prepared faces
     if face_mask is not None:
         if face_mask.size != face.size:
@@ -484,64 +478,28 @@ def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], ne
             raise ValueError("the face mask is empty after cropping to the adapters' resolution: white marks the face")
         x = reference_faces(x, m[None].to(device))
     words, tokens = models.adapters(image_states(models, x))
-    words = words[:, :num_words].expand(b, -1, -1)
-    tokens = tokens.to(dtype).expand(b, -1, -1)
-    cond = encode_with_words(models.tokenizer, models.text_encoder, prompts, words).to(dtype)
-    uncond = encode_prompts(models, negatives).to(dtype) if guidance > 1.0 else None
-    if guidance > 1.0:                          # rows [unconditional, conditional], the order `guided` uses
-        ones = torch.ones(b)
-        set_image_condition(models.unet, torch.cat([tokens, tokens]), torch.cat([ones, gamma * ones]),
+    words, tokens = words[:, :num_words], tokens.to(dtype)
+
+    def condition(models, prompts, negatives, guidance):
+        check_prompts(prompts, negatives)
+        b = len(prompts)
+        cond = {"encoder_hidden_states": encode_with_words(models.tokenizer, models.text_encoder, prompts,
+                                                           words.expand(b, -1, -1))}
+        f = tokens.expand(b, -1, -1)
+        if guidance <= 1.0:
+            set_image_condition(models.unet, f, gamma, sigma)
+            return cond, None
+        ones = torch.ones(b)                    # rows [unconditional, conditional], the order `guided` uses
+        set_image_condition(models.unet, torch.cat([f, f]), torch.cat([ones, gamma * ones]),
                             torch.cat([0 * ones, sigma * ones]))
-    else:
-        set_image_condition(models.unet, tokens, gamma, sigma)
-    if latents is None:
-        latents = initial_latents(b, height, width, seed, factor=models.vae.factor)
-    generator = generators(seed)                # one per image for a list of seeds (sample.generators)
-    z0 = SAMPLERS[sampler](guided(models.unet, cond, uncond, guidance), latents.to(device, dtype), models.schedule,
-                           steps, eta=eta, generator=generator, progress=progress)
-    images = models.vae.decode((z0 / models.vae.config.scaling_factor).to(next(models.vae.parameters()).dtype))
-    return to_pil(images) if output == "pil" else images
+        return cond, text_conditioning(models, negatives)
+    return condition
 
 
-def sample_main(args) -> list[Path]:
-    """`sample.py --method photoverse --adapter CKPT --face IMG --prompt "a photo of S* ..."` (args: sample.py's).
-    The base model is the one recorded in the checkpoint unless --model names another."""
-    # 1. everything that can be checked without loading a model
-    prompts = read_prompts(args)
-    check_prompts(prompts, [args.negative_prompt])
-    check_settings(args.height or 8, args.width or 8, args.steps, args.guidance, args.sampler)
-    if args.num_images < 1 or args.batch_size < 1:
-        raise ValueError("--num_images and --batch_size must be at least 1")
-    if not args.adapter or not args.face:
-        raise ValueError("--method photoverse needs --adapter CKPT (photoverse.safetensors or its folder) and "
-                         "--face IMG")
-    if args.lora:
-        raise ValueError("--lora does not apply to --method photoverse: its LoRA is inside the adapter checkpoint")
-    face = load_image(args.face)
-    face_mask = load_image(args.face_mask) if args.face_mask else None
-    if face_mask is not None and face_mask.size != face.size:
-        raise ValueError(f"--face_mask is {face_mask.size[0]}x{face_mask.size[1]}, --face {face.size[0]}x"
-                         f"{face.size[1]}: a mask must have its image's size")
-    meta = read_adapter_meta(args.adapter)
-    if not 1 <= args.num_words <= len(meta["config"]["vision_layers"]):
-        raise ValueError(f"--num_words must be in 1..{len(meta['config']['vision_layers'])}, got {args.num_words}")
-    model = args.model if args.model != DEFAULT_MODEL else meta["base_model"]
-    if looks_like_path(model) and not Path(model).expanduser().exists():
-        raise ModelLoadError(f"base model '{model}' (recorded in the adapter) does not exist: pass it with --model")
-    if looks_like_path(meta["clip_model"]) and not Path(meta["clip_model"]).expanduser().exists():
-        raise ModelLoadError(f"the adapter's CLIP model '{meta['clip_model']}' does not exist")
-    device = default_device() if args.device == "auto" else args.device
-    # 2. load once
-    models = load_photoverse(args.adapter, model, dtype=DTYPES[args.dtype], device=device, lora_scale=args.lora_scale)
-    size = models.unet.config.sample_size * models.vae.factor
-    height, width = (size if v is None else v for v in (args.height, args.width))
-    check_settings(height, width, args.steps, args.guidance, args.sampler)
-    # 3. one latent per image, each from its own seed, then batches (sample.write_images, as sample.main)
-    def make_images(batch, latents, seed):
-        return generate(models, face, batch, args.negative_prompt, num_words=args.num_words, gamma=args.gamma,
-                        sigma=args.sigma, seed=seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                        eta=args.eta, height=height, width=width, latents=latents, face_mask=face_mask)
-    meta = dict(model=str(model), method="photoverse", adapter=str(args.adapter), face=str(args.face),
-                gamma=args.gamma, sigma=args.sigma, num_words=args.num_words,
-                lora_scale="as trained" if args.lora_scale is None else args.lora_scale)
-    return write_images(args, prompts, height, width, make_images, meta, models.vae.factor)
+def generate(models: PhotoVerseModels, face: Image.Image, prompts: list[str], negative_prompt: str | list[str] = "",
+             num_words: int = 1, gamma: float = 1.0, sigma: float = 1.0, face_mask: Image.Image | None = None,
+             **settings):
+    """One image per prompt of the person in `face` (`face_condition`); `settings`: pipeline.generate's (seed,
+    steps, guidance, sampler, eta, height, width, latents, progress, output)."""
+    return pipeline.generate(models, prompts, negative_prompt, **settings,
+                             condition=face_condition(models, face, num_words, gamma, sigma, face_mask))

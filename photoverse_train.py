@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
 import checkpoint
-from data import IMAGE_SUFFIXES, list_images, load_image, prepare
+from data import IMAGE_SUFFIXES, list_images, load_image, make_grid, prepare, save_png
 from face_encoder import IResNet
 from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json
 from image_encoders import CLIPConfig, CLIPModel, ViTModel
@@ -37,7 +37,7 @@ from photoverse import (CHECKPOINT_NAME, IdentityEncoder, PhotoVerseConfig, Phot
                         check_layers, check_prompts, draw_fusion, dual_layers, encode_with_words, generate,
                         image_states, load_trained_parts, read_adapter_meta, reference_faces, save_adapter,
                         set_image_condition, trainable_parameters)
-from sample import default_device, load_models, make_grid, save_png, write_result_info
+from pipeline import default_device, load_models, write_result_info
 from train import (HALF, LR_SCHEDULES, METHOD_OPTIONS, RUN_FILES, TrainConfig, apply_resumed_settings, autocast, check_common,
                    claim_output_dir, row_generator, settings_record, stop_if_diverged, write_log)
 

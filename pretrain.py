@@ -58,7 +58,8 @@ import world
 from hub import atomic_write
 from image_encoders import CLIPConfig, CLIPModel, FactorClassifier, FactorClassifierConfig, ViTConfig, ViTModel
 from losses import min_snr_weights, weighted_mse
-from sample import SDModels, generate, load_models, make_grid, save_models
+from data import make_grid
+from pipeline import SDModels, generate, load_models, save_models
 from schedulers import NoiseSchedule
 from text_encoder import CLIPTextModel, CLIPTokenizer, TextEncoderConfig, shipped_vocab
 from unet import UNet, UNetConfig

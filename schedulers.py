@@ -11,6 +11,7 @@
   (Lu et al. 2022, https://arxiv.org/abs/2211.01095), and Euler's method on the probability-flow ODE in
   sigma (Karras et al. 2022, https://arxiv.org/abs/2206.00364, Algorithm 1 without its 2nd-order step;
   SDXL's default scheduler).
+- `guided`: classifier-free guidance, a wrapper that turns the UNet into the `model_fn` a sampler calls.
 
 Mirrors diffusers' `schedulers/scheduling_ddim.py`, `scheduling_ddpm.py`,
 `scheduling_dpmsolver_multistep.py` (algorithm_type "dpmsolver++", solver_order 2, their defaults) and
@@ -185,8 +186,7 @@ class NoiseSchedule:
         Euler's "linspace" points are not rounded (floats: its sigmas are interpolated between timesteps).
         """
         T = self.num_train_timesteps
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{sampler}': use one of {list(SAMPLERS)}")
+        check_sampler(sampler)
         if not 1 <= n <= T:
             raise ValueError(f"{n} inference steps: use 1 to {T} (num_train_timesteps)")
         grid = n + 1 if sampler == "dpmpp" else n
@@ -371,4 +371,31 @@ def euler_sample(model_fn, latents, schedule: NoiseSchedule, steps: int, eta: fl
     return x
 
 
+# ----------------------------------------------------------------------------- classifier-free guidance and the table
+
+def guided(unet, cond, uncond, scale: float):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps(c_neg) + w * (eps(c) - eps(c_neg)).
+
+    As in diffusers, guidance only runs when w > 1; then both halves go through the UNet as one batch
+    ordered [negative, positive]. `cond` is the text tokens (b, m, d) or a dict of the UNet's inputs
+    (pipeline.py's `text_conditioning`; SDXL adds text_embeds and time_ids).
+    """
+    cond, uncond = ({"encoder_hidden_states": c} if torch.is_tensor(c) else c for c in (cond, uncond))
+    if scale <= 1.0:
+        return lambda x, t: unet(x, t, **cond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+
+    def model_fn(x, t):
+        out = unet(torch.cat([x, x]), t, **both)
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + scale * (out_cond - out_uncond)
+    return model_fn
+
+
 SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpmpp": dpmpp_sample, "euler": euler_sample}
+
+
+def check_sampler(name: str) -> None:
+    """The one check of a sampler's name (the CLIs' --sampler, `generate`, `NoiseSchedule.timesteps`)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}': --sampler must be one of {', '.join(SAMPLERS)}")

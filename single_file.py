@@ -18,8 +18,8 @@ table of literal lines: `unet_blocks` / `vae_blocks` / `openclip_blocks` generat
 block path} from the config (levels, layers per level, which levels have attention) with the rules of
 diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` / `convert_open_clip_checkpoint`
 (loaders/single_file_utils.py), and `rename` applies them to every key of the model. The same map, inverted,
-loads a file. tests/test_single_file.py checks that diffusers' own converters read what we write. An SD2
-file we write holds the 23 OpenCLIP layers our text encoder has, without the 24th or `text_projection`:
+loads a file; pipeline.py's `load_single_file` and `save_single_file` build and write the models with these.
+tests/test_single_file.py checks that diffusers' own converters read what we write. An SD2 file we write holds the 23 OpenCLIP layers our text encoder has, without the 24th or `text_projection`:
 diffusers' `convert_open_clip_checkpoint` skips both, and SD conditions on the penultimate layer anyway.
 
 A single file carries no configs: SD1 vs SD2 vs SDXL is detected from the keys (`cond_stage_model.model.`
@@ -36,13 +36,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from hub import ModelLoadError, atomic_write, check_keys, read_pickle, read_safetensors
-from lora import merged_state_dict
-from sample import SDModels
+from hub import ModelLoadError, check_keys, read_pickle, read_safetensors
 from schedulers import NoiseSchedule
-from text_encoder import CLIPTextModel, CLIPTokenizer, TextEncoderConfig, hub_keys
+from text_encoder import CLIPTextModel, TextEncoderConfig, hub_keys
 from unet import UNet, UNetConfig
 from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig, rename_legacy_attention
@@ -209,57 +206,6 @@ def ldm_shape(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# ----------------------------------------------------------------------------- writing
-
-def to_single_file(models: SDModels, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The models' weights in the single-file layout; LoRA updates are merged in (the models are not changed)."""
-    text_cfg = models.text_encoder.config
-    if text_cfg.vocab_size != VOCAB_SIZE:
-        raise ValueError(f"the text encoder has {text_cfg.vocab_size - VOCAB_SIZE} added token(s) (Textual "
-                         f"Inversion): a single file has no tokenizer to hold them; share the embeddings file instead")
-    text_cfg_2 = models.text_encoder_2.config if models.text_encoder_2 is not None else None
-    parts = layout(models.unet.config, models.vae.config, text_cfg, text_cfg_2)
-    sd = {}
-    for name, model in (("unet", models.unet), ("vae", models.vae), *models.text_encoders.items()):
-        prefix, names = parts[name]
-        weights = merged_state_dict(model)
-        if prefix in (OPENCLIP, XL_OPENCLIP):
-            weights = fuse_qkv(weights)
-        for key, tensor in weights.items():
-            tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
-            sd[prefix + names[key]] = ldm_shape(names[key], tensor).contiguous()
-    return sd
-
-
-def architecture(models: SDModels) -> str:
-    """The Stability AI model spec's id (github.com/Stability-AI/ModelSpec), which web UIs show."""
-    if models.text_encoder_2 is not None:
-        return "stable-diffusion-xl-v1-base"
-    if family_of(models.text_encoder.config) == "sd1":
-        return "stable-diffusion-v1"
-    v_model = models.schedule.prediction_type == "v_prediction"
-    return "stable-diffusion-v2-768-v" if v_model else "stable-diffusion-v2-512"
-
-
-def save_single_file(models: SDModels, path, dtype: torch.dtype | None = None, title: str | None = None) -> Path:
-    """Write one original-layout `.safetensors` (dtype None keeps the models' dtype). Its metadata holds
-    the model spec's architecture id and our configs (`nanobooth`), so `load_single_file` rebuilds any size."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"single-file output must end in .safetensors (we never write pickles), got '{path}'")
-    sd = to_single_file(models, dtype)
-    configs = {"unet": dataclasses.asdict(models.unet.config), "vae": dataclasses.asdict(models.vae.config),
-               "text_encoder": dataclasses.asdict(models.text_encoder.config),
-               "scheduler": models.schedule.to_config()}
-    if models.text_encoder_2 is not None:
-        configs["text_encoder_2"] = dataclasses.asdict(models.text_encoder_2.config)
-    metadata = {"format": "pt", "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture(models),
-                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-                "modelspec.title": title or path.stem, "nanobooth": json.dumps(configs)}
-    atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
-    return path
-
-
 # ----------------------------------------------------------------------------- reading
 
 def is_single_file(name_or_path) -> bool:
@@ -371,42 +317,3 @@ def build(cls, config, sd: dict, where, dtype, device):
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
-
-
-def load_single_file(path, unet_config: UNetConfig | None = None, vae_config: VAEConfig | None = None,
-                     text_config: TextEncoderConfig | None = None, prediction_type: str | None = None,
-                     dtype=torch.float32, device="cpu") -> SDModels:
-    """An SD 1.x/2.x single file -> SDModels. Configs: the arguments, else the file's `nanobooth` metadata,
-    else the SD1.5 / SD2.1-base presets of the detected family. EMA copies (`model_ema.*`) and LDM's
-    schedule buffers (`alphas_cumprod`, ...) are ignored: the schedule is SD's (NoiseSchedule.sd)."""
-    sd, metadata = read_checkpoint(path)
-    family = detect_family(sd, path)
-    unet_cfg, vae_cfg, text_cfg, schedule, text_cfg_2 = configs_for(family, metadata, prediction_type)
-    unet_cfg, vae_cfg, text_cfg = unet_config or unet_cfg, vae_config or vae_cfg, text_config or text_cfg
-    if family == "sdxl":
-        return load_sdxl(sd, path, unet_cfg, vae_cfg, text_cfg, text_cfg_2, schedule, dtype, device)
-    if family_of(text_cfg) != family:
-        raise ModelLoadError(f"'{path}' is {family.upper()} (its text encoder keys) but the text config is "
-                             f"{family_of(text_cfg).upper()}'s ({text_cfg.hidden_act}): pass a matching text_config")
-    parts = layout(unet_cfg, vae_cfg, text_cfg)
-    part = {name: extract(sd, prefix, names, text_cfg.num_hidden_layers) for name, (prefix, names) in parts.items()}
-    return SDModels(tokenizer=CLIPTokenizer.from_pretrained(None, pad_token="!" if family == "sd2" else None),
-                    text_encoder=build(CLIPTextModel, text_cfg, part["text_encoder"], path, dtype, device),
-                    unet=build(UNet, unet_cfg, part["unet"], path, dtype, device),
-                    vae=build(VAE, vae_cfg, part["vae"], path, dtype, device),
-                    schedule=schedule)
-
-
-def load_sdxl(sd: dict, path, unet_cfg, vae_cfg, text_cfg, text_cfg_2, schedule, dtype, device) -> SDModels:
-    """The SDXL branch of `load_single_file`: two text encoders, the shipped vocabulary for both tokenizers
-    (CLIP-L pads with EOS, OpenCLIP-bigG with '!'), and the pipeline's force_zeros_for_empty_prompt."""
-    parts = layout(unet_cfg, vae_cfg, text_cfg, text_cfg_2)
-    part = {name: extract(sd, prefix, names, 0) for name, (prefix, names) in parts.items()}
-    return SDModels(tokenizer=CLIPTokenizer.from_pretrained(None),
-                    text_encoder=build(CLIPTextModel, text_cfg, part["text_encoder"], path, dtype, device),
-                    unet=build(UNet, unet_cfg, part["unet"], path, dtype, device),
-                    vae=build(VAE, vae_cfg, part["vae"], path, torch.float32 if vae_cfg.force_upcast and
-                              dtype == torch.float16 else dtype, device),
-                    schedule=schedule, tokenizer_2=CLIPTokenizer.from_pretrained(None, pad_token="!"),
-                    text_encoder_2=build(CLIPTextModel, text_cfg_2, part["text_encoder_2"], path, dtype, device),
-                    force_zeros_for_empty_prompt=True)

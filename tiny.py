@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sample import SDModels, save_models
+from pipeline import SDModels, save_models
 from schedulers import NoiseSchedule
 from text_encoder import CLIPTextModel, CLIPTokenizer, TextEncoderConfig
 from unet import UNet, UNetConfig

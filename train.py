@@ -42,16 +42,16 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
-from data import list_images, load_image, png_text, prepare, prepare_with_crop
+from data import list_images, load_image, make_grid, png_text, prepare, prepare_with_crop, save_png
 from hub import ModelLoadError, atomic_write, looks_like_path, read_json, read_safetensors
 from lora import INITS, inject_lora, load_lora, save_lora, save_lora_kohya
 from losses import LOSSES
 from methods import (DEFAULT_CLIP, TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
                      comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
-from sample import (DEFAULT_MODEL, RESULT_INFO, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate,
-                    load_models, make_grid, save_models, save_png, text_conditioning, time_ids, warn_long_prompts,
-                    write_result_info)
-from single_file import is_single_file, save_single_file
+from pipeline import (DEFAULT_MODEL, RESULT_INFO, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate,
+                      load_models, save_models, save_single_file, text_conditioning, time_ids, warn_long_prompts,
+                      write_result_info)
+from single_file import is_single_file
 
 PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
 METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse", *PRETRAIN)

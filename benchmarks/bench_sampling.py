@@ -1,11 +1,11 @@
-"""Seconds per image: our `sample.generate` against diffusers' `StableDiffusionPipeline`, same weights, same run.
+"""Seconds per image: our `pipeline.generate` against diffusers' `StableDiffusionPipeline`, same weights, same run.
 
 Scenario (c), the seconds per image the README quotes (tiny model, CPU):
 
     one prompt, 50 DDIM steps, classifier-free guidance 7.5 (the UNet sees a batch of 2: negative "" and
     the prompt), eta 0, then the VAE decode and the conversion to a PIL image, at --size pixels.
 
-    ours      sample.generate(models, [prompt], steps, guidance=7.5, sampler="ddim", progress=False)
+    ours      pipeline.generate(models, [prompt], steps, guidance=7.5, sampler="ddim", progress=False)
     diffusers StableDiffusionPipeline(..., scheduler=DDIMScheduler(our schedule's config), safety_checker=None)
               (prompt, num_inference_steps, guidance_scale=7.5, generator=CPU generator), its default attention
               processor (AttnProcessor2_0 = SDPA), progress bar off
@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 def build_ours(models: dict, args):
     """The callable that makes one image with our code."""
-    from sample import SDModels, generate
+    from pipeline import SDModels, generate
     from schedulers import NoiseSchedule
     dtype = common.DTYPES[args.dtype]
     for name in ("unet", "vae", "text_encoder"):

@@ -44,7 +44,7 @@ import detector  # noqa: E402  (common puts the repository root on the path)
 import eval  # noqa: E402
 import world  # noqa: E402
 from image_encoders import FactorClassifier  # noqa: E402
-from sample import check_settings, generate, initial_latents, load_models  # noqa: E402
+from pipeline import check_settings, generate, initial_latents, load_models  # noqa: E402
 
 FACTORS = eval.FACTORS
 TARGETS = {"real": {"shape": 0.95, "colour": 0.95, "scene": 0.95},

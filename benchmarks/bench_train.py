@@ -112,7 +112,7 @@ def make_data(models: dict, args) -> dict:
 def build_ours(models: dict, scenario: str, args) -> dict:
     """train.py's set-up and step for `scenario`; returns {side: step function} for the three ours variants,
     which share the models and the optimizer (they differ only in where the latents and embeddings come from)."""
-    from sample import SDModels, encode_prompts
+    from pipeline import SDModels, encode_prompts
     from schedulers import NoiseSchedule
     from losses import dreambooth_loss
     from train import HALF, TrainConfig, lora_params, row_generator, setup_trainable

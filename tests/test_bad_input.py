@@ -25,7 +25,8 @@ import export
 import sample
 import train
 from helpers import killed_after_first_checkpoint, one_thread  # noqa: F401  (one torch thread for this module)
-from sample import load_trained, save_png
+from data import save_png
+from pipeline import load_trained
 
 REPO = Path(__file__).resolve().parents[1]
 DOG = REPO / "assets" / "demo" / "dog"

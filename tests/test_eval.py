@@ -18,7 +18,7 @@ import eval
 import world
 from face_encoder import IResNet
 from image_encoders import IMAGENET_MEAN, IMAGENET_STD, CLIPConfig, FactorClassifier, FactorClassifierConfig, ViTConfig
-from sample import save_png
+from data import save_png
 from text_encoder import CLIPTokenizer
 from helpers import randomize
 

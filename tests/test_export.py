@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import export
 from lora import (UNET_TARGETS, inject_lora, load_lora, lora_layers, lora_parameters, merge_lora, save_lora,
                   save_lora_kohya)
-from sample import generate, load_models, write_result_info
+from pipeline import generate, load_models, write_result_info
 
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 PROMPT = "a photo of sks dog"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hub
-from sample import load_models
+from pipeline import load_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_hub_id_takes_the_download_path_and_fetches_only_needed_files(tiny_sd1, 
 
 
 def test_sdxl_hub_id_loads_both_text_encoders(tiny_sdxl, monkeypatch):
-    from sample import generate
+    from pipeline import generate
     calls = []
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download(tiny_sdxl, calls))
     from_hub = load_models("stabilityai/stable-diffusion-xl-base-1.0")

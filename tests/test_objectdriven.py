@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import methods
+import pipeline
 import sample
 import train
 from data import prepare
@@ -196,7 +197,7 @@ def test_two_objects_from_the_cli_then_sample(tiny_sd1, clip_dir, two_objects, t
     paths = sample.main(["--model", str(out), "--prompt", "a photo of <o1> dog and <o2> table", "--steps", "2",
                          "--out", str(tmp_path / "samples"), "--device", "cpu"])
     assert len(paths) == 1 and Image.open(paths[0]).size == (128, 128)
-    loaded = sample.load_trained(out)
+    loaded = pipeline.load_trained(out)
     table = loaded.text_encoder.text_model.embeddings.token_embedding.weight
     for token in ("<o1>", "<o2>"):
         assert torch.equal(table[loaded.tokenizer.encode(token)[1]], embeds[token])
@@ -210,7 +211,7 @@ def test_two_objects_from_the_cli_then_sample(tiny_sd1, clip_dir, two_objects, t
     prompt = "a photo of <o1> dog and <o2> table"
     ref = pipe([prompt], num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(3),
                output_type="np").images
-    ours = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in sample.generate(
+    ours = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in pipeline.generate(
         loaded, [prompt], seed=3, steps=3, height=64, width=64, progress=False)])
     assert np.abs(ours - ref).max() <= 1 / 255
 

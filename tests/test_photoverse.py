@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import photoverse
 import photoverse_train
+import pipeline
 import sample
 import train
 from attention import attention
@@ -72,7 +73,7 @@ def assets(tmp_path_factory):
 def tiny_photoverse(assets, identity=True, seed=0):
     """PhotoVerse on the tiny models, built in memory as pretrain builds it."""
     torch.manual_seed(seed)
-    sd = sample.load_models(assets / "sd1")
+    sd = pipeline.load_models(assets / "sd1")
     vision = CLIPModel.from_pretrained(assets / "clip")
     dino = ViTModel.from_pretrained(assets / "dino")
     return attach(sd, vision, TINY, IdentityEncoder(dino, dino.preprocess.tensor, "DINO") if identity else None)
@@ -347,10 +348,10 @@ def test_pretraining_lowers_the_loss_and_one_command_writes_images(assets, tmp_p
     assert np.asarray(im, dtype=np.float32).std() > 1                       # an image, not a constant
     # the same seed through the API gives the same pixels; another face gives other pixels
     again = photoverse.generate(models, load_image(face), ["a photo of S* as a chef"], sigma=1.5, steps=3, height=32,
-                                width=32, latents=sample.initial_latents(2, 32, 32, 0)[:1], progress=False)[0]
+                                width=32, latents=pipeline.initial_latents(2, 32, 32, 0)[:1], progress=False)[0]
     assert np.abs(np.asarray(again, dtype=np.int16) - np.asarray(im, dtype=np.int16)).max() <= 1
     other = photoverse.generate(models, draw_face(9), ["a photo of S* as a chef"], sigma=1.5, steps=3, height=32,
-                                width=32, latents=sample.initial_latents(2, 32, 32, 0)[:1], progress=False)[0]
+                                width=32, latents=pipeline.initial_latents(2, 32, 32, 0)[:1], progress=False)[0]
     assert not np.array_equal(np.asarray(other), np.asarray(im))
 
 
@@ -479,8 +480,8 @@ def test_k_and_v_use_the_papers_scale_and_lora_scale_0_is_the_base_cross_attenti
     config = photoverse_train.photoverse_config(train.parse_args(pretrain_args(assets, tmp_path / "x")))
     assert config.rank == 2 and config.lora_alpha is None
     torch.manual_seed(0)
-    base = sample.load_models(assets / "sd1")
-    models = attach(sample.load_models(assets / "sd1"), CLIPModel.from_pretrained(assets / "clip"), config)
+    base = pipeline.load_models(assets / "sd1")
+    models = attach(pipeline.load_models(assets / "sd1"), CLIPModel.from_pretrained(assets / "clip"), config)
     layers = {n: m for n, m in lora_layers(models.unet).items()}
     assert layers and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in layers)
     assert all(m.scale == 1.0 for m in layers.values())

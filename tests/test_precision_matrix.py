@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import pipeline
 import sample
 import train
 from image_encoders import CLIPConfig, CLIPModel, CLIPVisionConfig, ViTConfig, ViTModel
@@ -111,7 +112,7 @@ def test_method_with_the_gpu_options_checkpoints_validates_and_resumes(method, f
     with Image.open(out / "validation" / "step-000003.png") as im:
         assert im.size == (32, 32)
     if method in ("dreambooth", "comfusion"):                               # a full model, loadable, fp32
-        models = sample.load_models(out)
+        models = pipeline.load_models(out)
         assert all(p.dtype == torch.float32 for m in (models.unet, models.vae, models.text_encoder)
                    for p in m.parameters())
     if method in ("dreambooth", "dreambooth_lora", "comfusion", "objectdriven"):

@@ -13,7 +13,7 @@ import pretrain
 import world
 from helpers import killed_after_first_checkpoint, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 from image_encoders import CLIPModel, FactorClassifier, FactorClassifierConfig, ViTConfig, ViTModel
-from sample import generate, load_models
+from pipeline import generate, load_models
 from vae import VAE, VAEConfig
 
 POOL = ["--pool_size", "300"]

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+import pipeline
 import sample
-from sample import generate, load_models
+from pipeline import generate, load_models
 
 PROMPTS = ["a photo of a cat", "a red car on the beach at night"]
 NEGATIVE = "blurry, low quality"
@@ -19,7 +20,7 @@ def diffusers_images(folder, scheduler_cls, height, width, steps=10, guidance=7.
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe(PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), num_inference_steps=steps, guidance_scale=guidance, height=height,
-                width=width, generator=sample.generators(seeds), output_type=output_type).images
+                width=width, generator=pipeline.generators(seeds), output_type=output_type).images
 
 
 @pytest.mark.parametrize("family", ["tiny_sd1", "tiny_sd2"])
@@ -108,7 +109,7 @@ def test_sdxl_conditioning_matches_the_pipeline(tiny_sdxl):
     assert models.force_zeros_for_empty_prompt and models.vae.config.force_upcast
     with torch.no_grad():
         c, c_neg, pooled, pooled_neg = pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=[NEGATIVE] * 2)
-        ours, ours_neg = sample.text_conditioning(models, PROMPTS), sample.text_conditioning(models, [NEGATIVE] * 2)
+        ours, ours_neg = pipeline.text_conditioning(models, PROMPTS), pipeline.text_conditioning(models, [NEGATIVE] * 2)
         zeros = pipe.encode_prompt(PROMPTS, device="cpu")[1]   # no negative prompt: force_zeros_for_empty_prompt
     assert c.shape == (2, 77, 32 + 48) and pooled.shape == (2, 24)
     for a, b in [(ours["encoder_hidden_states"], c), (ours_neg["encoder_hidden_states"], c_neg),
@@ -118,7 +119,7 @@ def test_sdxl_conditioning_matches_the_pipeline(tiny_sdxl):
     assert not (c[0] - c[1]).abs().max() < 1e-3                        # the prompts differ in the states
     assert zeros.abs().max() == 0
     ref_ids = pipe._get_add_time_ids((64, 96), (8, 16), (32, 48), torch.float32, text_encoder_projection_dim=24)
-    assert torch.equal(sample.time_ids((64, 96), (8, 16), (32, 48)), ref_ids)
+    assert torch.equal(pipeline.time_ids((64, 96), (8, 16), (32, 48)), ref_ids)
 
 
 @pytest.mark.parametrize("sampler, negative", [("ddim", NEGATIVE), ("euler", NEGATIVE), ("euler", None),
@@ -141,7 +142,7 @@ def test_sdxl_generate_matches_the_pipeline(tiny_sdxl, sampler, negative):
 
 def test_sdxl_save_models_round_trips_into_the_pipeline(tiny_sdxl, tmp_path):
     models = load_models(tiny_sdxl)
-    sample.save_models(models, tmp_path / "ours")
+    pipeline.save_models(models, tmp_path / "ours")
     again = load_models(tmp_path / "ours")
     assert again.text_encoder_2 is not None and again.force_zeros_for_empty_prompt
     pipe = sdxl_pipeline(tmp_path / "ours")

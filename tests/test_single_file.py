@@ -11,10 +11,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import pipeline
 import sample
 from hub import ModelLoadError
-from sample import load_models
-from single_file import OPENCLIP, fuse_qkv, layout, ldm_shape, load_single_file, save_single_file
+from pipeline import load_models, load_single_file, save_single_file
+from single_file import OPENCLIP, fuse_qkv, layout, ldm_shape
 from text_encoder import CLIPTextModel, TextEncoderConfig
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -60,7 +61,7 @@ def test_round_trip_gives_identical_models(exported):
     assert any(k.startswith(OPENCLIP if sd2 else "cond_stage_model.transformer.text_model.") for k in keys)
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys)
 
-    back = load_models(path)  # sample.load_models dispatches a .safetensors path to single_file.py
+    back = load_models(path)  # pipeline.load_models dispatches a .safetensors path to single_file.py
     assert back.unet.config == models.unet.config and back.vae.config == models.vae.config
     assert back.text_encoder.config == models.text_encoder.config
     assert back.schedule.to_config() == models.schedule.to_config()
@@ -127,7 +128,7 @@ def test_diffusers_from_single_file_generates_the_same_image(exported):
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe("a cat", num_inference_steps=3, height=64, width=64, output_type="np",
                   generator=torch.Generator("cpu").manual_seed(1)).images[0]
-    ours = np.asarray(sample.generate(models, ["a cat"], seed=1, steps=3, height=64, width=64, progress=False)[0])
+    ours = np.asarray(pipeline.generate(models, ["a cat"], seed=1, steps=3, height=64, width=64, progress=False)[0])
     assert theirs.std() > 0.01 and np.abs(ours / 255 - theirs).max() <= 1 / 255 + 1e-6
 
 
@@ -220,7 +221,7 @@ def test_sample_cli_takes_a_single_file(exported, tmp_path):
     args = ["--model", str(path), "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "32",
             "--device", "cpu", "--out", str(tmp_path)]
     png = np.asarray(Image.open(sample.main(args)[0]))
-    expected = sample.generate(models, ["a cat"], seed=0, steps=2, height=32, width=32, progress=False)[0]
+    expected = pipeline.generate(models, ["a cat"], seed=0, steps=2, height=32, width=32, progress=False)[0]
     assert png.std() > 1 and np.array_equal(png, np.asarray(expected))
     with pytest.raises(ModelLoadError, match="does not exist"):
         sample.main(["--model", str(tmp_path / "missing.safetensors"), "--prompt", "a cat"])
@@ -269,7 +270,7 @@ def test_a_pickle_that_is_not_a_plain_state_dict_is_refused(tmp_path):
 
 def test_export_refuses_textual_inversion_tokens(tiny_sd1, tmp_path):
     models = load_models(tiny_sd1)
-    sample.add_token(models, "<sks>", torch.zeros(32))
+    pipeline.add_token(models, "<sks>", torch.zeros(32))
     with pytest.raises(ValueError, match="added token"):
         save_single_file(models, tmp_path / "ti.safetensors")
     with pytest.raises(ValueError, match="must end in .safetensors"):
@@ -302,7 +303,7 @@ def test_sdxl_round_trip_gives_identical_models(exported_sdxl):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     kw = dict(seed=2, steps=3, height=32, width=48, progress=False, output="pt")
     # equal weights; the matmul kernels may round the last bit differently on differently aligned memory
-    torch.testing.assert_close(sample.generate(back, ["a cat"], **kw), sample.generate(models, ["a cat"], **kw),
+    torch.testing.assert_close(pipeline.generate(back, ["a cat"], **kw), pipeline.generate(models, ["a cat"], **kw),
                                atol=1e-5, rtol=0)
 
 
@@ -316,7 +317,7 @@ def test_sdxl_diffusers_from_single_file_generates_the_same_image(exported_sdxl)
                   generator=torch.Generator("cpu").manual_seed(1)).images[0]
     assert theirs.std() > 0.01
     # the folder's scheduler is SDXL's Euler, and guidance 5.0 the pipeline's default
-    ours = sample.generate(models, ["a cat"], "blurry", seed=1, steps=3, height=64, width=96, sampler="euler",
+    ours = pipeline.generate(models, ["a cat"], "blurry", seed=1, steps=3, height=64, width=96, sampler="euler",
                            guidance=5.0, progress=False)[0]
     assert np.abs(np.asarray(ours) / 255 - theirs).max() <= 1 / 255 + 1e-6
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from sample import generate, load_models, load_trained
+from pipeline import generate, load_models, load_trained
 from text_encoder import CLIPTokenizer
 from helpers import one_thread  # noqa: F401  (an autouse fixture)
 

@@ -8,7 +8,7 @@ import torch
 
 import detector
 import world
-from sample import generate, load_models
+from pipeline import generate, load_models
 
 TOY = Path(__file__).parent.parent / "assets" / "toy"
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import checkpoint
 import train
 from data import load_image, prepare
-from sample import encode_prompts, generate, load_models, load_trained
+from pipeline import encode_prompts, generate, load_models, load_trained
 from helpers import killed_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_outputs_load_in_diffusers(tiny_sd1, tmp_path):
 
 
 def test_dreambooth_from_a_single_file_has_the_same_first_loss(tiny_sd1, tmp_path):
-    from single_file import save_single_file
+    from pipeline import save_single_file
     file = save_single_file(load_models(tiny_sd1), tmp_path / "tiny.safetensors")
     firsts = []
     for model, out in ((tiny_sd1, "folder"), (file, "file")):
@@ -200,7 +200,7 @@ def test_dreambooth_from_a_single_file_has_the_same_first_loss(tiny_sd1, tmp_pat
 
 
 def test_lora_from_a_single_file_samples_from_its_output(tiny_sd1, tmp_path, monkeypatch):
-    from single_file import save_single_file
+    from pipeline import save_single_file
     file = save_single_file(load_models(tiny_sd1), tmp_path / "tiny.safetensors")
     monkeypatch.chdir(tmp_path)                                        # a relative path is stored absolute
     models = run(argv("tiny.safetensors", tmp_path / "out", "dreambooth_lora", 3, "--learning_rate", "5e-2"))

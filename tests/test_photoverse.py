@@ -21,6 +21,7 @@ import sample
 import train
 from attention import attention
 from data import load_image, prepare
+from hub import ModelLoadError
 from image_encoders import CLIPConfig, CLIPModel, CLIPVisionConfig, ViTConfig, ViTModel
 from lora import inject_lora
 from photoverse import (DualAttention, IdentityEncoder, PhotoVerseConfig, add_image_branch, attach, draw_fusion,
@@ -457,7 +458,7 @@ def test_an_adapter_for_another_base_model_fails_clearly(assets, tmp_path):
 def test_bad_pretraining_settings_fail_before_loading(assets, tmp_path, no_loading):
     with pytest.raises(ValueError, match="--vision_layers must be comma-separated layer numbers"):
         train.main(pretrain_args(assets, tmp_path, 1, "--vision_layers", "last,four"))
-    with pytest.raises(photoverse.ModelLoadError, match="--face_encoder .* does not exist"):
+    with pytest.raises(ModelLoadError, match="--face_encoder .* does not exist"):
         train.main(pretrain_args(assets, tmp_path, 1, "--face_encoder", str(tmp_path / "arcface.pth")))
     with pytest.raises(ValueError, match="--face_loss_weight must be >= 0"):
         train.main(pretrain_args(assets, tmp_path, 1, "--face_loss_weight", "-1"))

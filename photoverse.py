@@ -44,11 +44,11 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import pipeline
 from attention import attention
 from data import prepare
 from hub import atomic_write, read_safetensors
 from image_encoders import CLIPModel, ViTModel
-import pipeline
 from lora import inject_lora, set_lora_scale
 from pipeline import SDModels, load_models, text_conditioning
 from unet import Attention

@@ -29,6 +29,7 @@ from single_file import rename, unet_blocks
 
 # The attention projections: what diffusers' DreamBooth LoRA script targets in the UNet.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")   # the CLIP text encoder's attention projections
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name `load_lora_weights(folder)` looks for
 INITS = ("gaussian", "kaiming")
 
@@ -170,7 +171,8 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> list[nn.Parameter]:
-    """Freeze everything but A and B; returns the trainable parameters (for the optimizer)."""
+    """Freeze everything but A and B; returns the trainable parameters (for the optimizer). Inject after casting
+    the base to half precision: A and B are created float32 and stay so (LoRALayer)."""
     model.requires_grad_(False)
     params = lora_parameters(model)
     for p in params:

@@ -15,14 +15,22 @@ with target = eps (epsilon models) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0
 Each function says which parts are the paper's ([paper]) and which are our reading ([ours]), with the same
 marks as the README's method table.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from schedulers import guided
-from schedulers import ddim_step
+from schedulers import ddim_step, guided
 
 
 # ----------------------------------------------------------------------------- shared pieces
+
+def row_generator(cfg, step: int, micro: int, kind: int, row: int) -> torch.Generator:
+    """The generator of one row of the *global* batch (kind 0 instance, 1 class) at one micro-step. Every
+    random choice for that row comes from it (image, crop, flip, template, latent sample, timestep, noise),
+    so a resumed run draws the same numbers, and N processes x batch B draw what 1 process x batch N*B does."""
+    seed = np.random.SeedSequence([cfg.seed, step, micro, kind, row]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
 
 def randn_rows(shape, generators: list, device=None, dtype=None) -> torch.Tensor:
     """One N(0, I) draw of `shape` per batch row, each from that row's own generator, on the CPU.
@@ -263,11 +271,3 @@ def objectdriven_loss(batch, models, cfg):
     loss = loss_object + cfg.prior_loss_weight * loss_prior
     return loss, {"loss_object": loss_object.item(), "loss_prior": loss_prior.item(), "loss": loss.item()}
 
-
-LOSSES = {
-    "dreambooth": dreambooth_loss,
-    "dreambooth_lora": dreambooth_loss,
-    "textual_inversion": dreambooth_loss,
-    "comfusion": comfusion_loss,
-    "objectdriven": objectdriven_loss,
-}

@@ -1,5 +1,5 @@
-"""PhotoVerse pretraining: the objective, a folder of aligned faces, and the loop that `train.py --method photoverse`
-dispatches to (`pretrain`).
+"""PhotoVerse pretraining: the objective, a folder of aligned faces, and the models, batches, validation images and
+result files that `train.py --method photoverse` trains with (methods.py's table names them; the loop is train.py's).
 
 Chen et al. 2023, "PhotoVerse: Tuning-Free Image Customization with Text-to-Image Diffusion Models",
 arXiv 2309.05793; its equations are docs/methods.md section 4, whose [paper] / [ours]
@@ -8,7 +8,7 @@ branch) and the random fusion are photoverse.py's; here they are trained once, o
 
     L = L_ldm + 0.01 L_face + 0.01 mean|p_f| + 0.001 mean|V_S|,   L_face = 1 - cos(F(x_face), F(x_hat_face))
 
-The loss has losses.py's one signature (`photoverse_loss(batch, models, cfg)`) but lives here, beside the loop,
+The loss has losses.py's one signature (`photoverse_loss(batch, models, cfg)`) but lives here, beside its data,
 because its models are PhotoVerseModels; the loop is train.py's, on one process.
 
 Shapes: b batch, m pseudo-words, d text width, R resolution; faces (b, 3, R, R) in [-1, 1], face masks
@@ -16,30 +16,23 @@ Shapes: b batch, m pseudo-words, d text width, R resolution; faces (b, 3, R, R) 
 """
 import json
 import os
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from tqdm import tqdm
 
-import checkpoint
-from data import IMAGE_SUFFIXES, list_images, load_image, make_grid, prepare, save_png
+from data import IMAGE_SUFFIXES, list_images, load_image, prepare
 from face_encoder import IResNet
-from hub import ModelLoadError, atomic_write, component_dir, looks_like_path, read_json
+from hub import ModelLoadError, component_dir, looks_like_path, read_json
 from image_encoders import CLIPConfig, CLIPModel, ViTModel
-from lora import INITS
-from losses import draw_noise, draw_timesteps, latents_of
+from losses import draw_noise, draw_timesteps, latents_of, row_generator
 from photoverse import (CHECKPOINT_NAME, IdentityEncoder, PhotoVerseConfig, PhotoVerseModels, attach, check_base,
                         check_layers, check_prompts, draw_fusion, dual_layers, encode_with_words, generate,
                         image_states, load_trained_parts, read_adapter_meta, reference_faces, save_adapter,
                         set_image_condition, trainable_parameters)
-from pipeline import default_device, load_models, write_result_info
-from train import (HALF, LR_SCHEDULES, METHOD_OPTIONS, RUN_FILES, TrainConfig, apply_resumed_settings, autocast, check_common,
-                   claim_output_dir, row_generator, settings_record, stop_if_diverged, write_log)
+from pipeline import load_models, write_result_info
 
 TRAIN_PROMPT = "a photo of S*"      # [paper]: the training caption, and the one L_face's estimate is made under
 CLIP_MODEL = "openai/clip-vit-large-patch14"    # the image encoder [paper]: the CLIP whose text tower SD1 uses
@@ -86,7 +79,7 @@ def photoverse_loss(batch, models: PhotoVerseModels, cfg):
 
     with (lambda_face, lambda_p, lambda_v) = (0.01, 0.01, 0.001) [paper] (cfg.face_loss_weight, word_reg_weight,
     value_reg_weight). It lives here, not in losses.py: its models are PhotoVerseModels (CLIP image tower,
-    adapters, face encoder), built and trained by this file's own loop.
+    adapters, face encoder), built here and trained by train.py's loop.
 
     batch: pixel_values (b, 3, R, R) in [-1, 1] (the face is both the reference and the target [ours]), masks
     (b, 1, R, R) face regions, generators (one per row: timestep, noise, latent sample), fusion_generator.
@@ -226,32 +219,9 @@ def photoverse_config(cfg) -> PhotoVerseConfig:
                             lora_alpha=cfg.lora_alpha, resolution=cfg.resolution)
 
 
-def check_pretrain_config(cfg) -> FaceFolder:
-    """Every mistake visible before a model loads, one line each; opens (and checks) the face folder."""
-    check_common(cfg)                                    # the method, the numbers, the device, the output folder
-    defaults = TrainConfig()
-    for method, names in METHOD_OPTIONS.items():         # as train.check_config: another method's option is an error
-        for name in names:
-            if name not in METHOD_OPTIONS["photoverse"] and getattr(cfg, name) != getattr(defaults, name):
-                raise ValueError(f"--{name} is an option of --method {method}, not of photoverse")
-    if cfg.resolution % 8 or cfg.resolution <= 0:
-        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
-                         f"got {cfg.resolution}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got '{cfg.mixed_precision}'")
-    if cfg.weight_dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise ValueError(f"--weight_dtype must be auto, float32, float16 or bfloat16, got '{cfg.weight_dtype}'")
-    if cfg.lr_scheduler not in LR_SCHEDULES:
-        raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_scheduler}'")
-    if cfg.lora_init not in INITS:
-        raise ValueError(f"--lora_init must be one of {', '.join(INITS)}, got '{cfg.lora_init}'")
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "rank", "adapter_dim"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("face_loss_weight", "word_reg_weight", "value_reg_weight", "face_loss_max_timestep"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+def check_options(cfg) -> None:
+    """PhotoVerse's own mistakes, visible before a model loads, one line each (train.py check_config calls this
+    after the checks every method shares)."""
     for flag in ("with_prior_preservation", "train_text_encoder", "cache_latents", "snr_gamma"):
         if getattr(cfg, flag):
             raise ValueError(f"--{flag} does not apply to --method photoverse (see docs/methods.md section 4)")
@@ -260,22 +230,25 @@ def check_pretrain_config(cfg) -> FaceFolder:
                          "sample.py --method photoverse reads")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--method photoverse pretrains on one process: run it without torchrun")
-    config = photoverse_config(cfg)
+    photoverse_config(cfg)
     if cfg.validation_prompt:
         check_prompts([cfg.validation_prompt])
     if cfg.face_encoder and not Path(cfg.face_encoder).expanduser().is_file():
         raise ModelLoadError(f"--face_encoder '{cfg.face_encoder}' does not exist: pass an arcface_torch IResNet "
                              f"checkpoint, or leave it out for the DINO fallback")
-    for flag, name in (("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path),
-                       ("clip_model", cfg.clip_model or CLIP_MODEL), ("dino_model", cfg.dino_model)):
+    for flag, name in (("clip_model", cfg.clip_model or CLIP_MODEL), ("dino_model", cfg.dino_model)):
         if looks_like_path(name) and not Path(name).expanduser().exists():
             raise ModelLoadError(f"--{flag} '{name}' does not exist")
+
+
+def read_faces(cfg) -> FaceFolder:
+    """The run's data: the face folder, every file checked; and the CLIP layers against the image tower's config."""
     if not cfg.instance_data_dir:
         raise ValueError("--instance_data_dir is required: a folder of aligned face images (FFHQ, CelebA-HQ, ...)")
     faces = FaceFolder(cfg.instance_data_dir)
     clip = CLIPConfig.from_json(read_json(component_dir(cfg.clip_model or CLIP_MODEL, None, ["config.json"])
                                           / "config.json"))
-    check_layers(config.vision_layers, clip.vision.num_hidden_layers)     # only the config is read (or fetched)
+    check_layers(photoverse_config(cfg).vision_layers, clip.vision.num_hidden_layers)  # only the config is read
     return faces
 
 
@@ -289,133 +262,54 @@ def load_identity(face_encoder: str | None, dino_model: str, device) -> Identity
     return IdentityEncoder(model, model.preprocess.tensor, f"DINO fallback ({dino_model}; no --face_encoder given)")
 
 
-def pretrain(cfg) -> PhotoVerseModels:
-    """Pretrain the adapters, LoRA and W^S over a folder of aligned faces (cfg: train.py's TrainConfig).
-
-    The loop is train.py's (AdamW, lr schedule, accumulation, clipping, mixed precision, atomic checkpoints
-    with resume, logs.jsonl, validation images), on one process. Defaults: lr 1e-4 and CLIP ViT-L/14 [paper];
-    the paper's batch 64 and 60k steps are flags (--train_batch_size, --max_train_steps)."""
-    faces = check_pretrain_config(cfg)
-    config = photoverse_config(cfg)
-    out = Path(cfg.output_dir)
-    resume_from, resume_state = claim_output_dir(cfg)
-    device = torch.device(default_device() if cfg.device == "auto" else cfg.device)
-    half = HALF.get(cfg.mixed_precision)
-    torch.manual_seed(cfg.seed)                 # adapters' and LoRA's initial weights
-
-    # 1. models: frozen parts in the mixed-precision dtype, trained parts float32 (created after the cast)
+def load_parts(cfg, device, frozen_dtype) -> tuple[PhotoVerseModels, str]:
+    """The models: the frozen parts (SD, the CLIP image tower, the face encoder) in `frozen_dtype`, then the trained
+    parts attached float32 (adapters, W^S, LoRA on the text branch). Returns (models, the face loss's name).
+    Defaults: lr 1e-4 and CLIP ViT-L/14 [paper]; the paper's batch 64 and 60k steps are flags (--train_batch_size,
+    --max_train_steps)."""
     sd = load_models(cfg.pretrained_model_name_or_path, device=device, revision=cfg.revision, variant=cfg.variant)
-    clip_model = cfg.clip_model or CLIP_MODEL
-    vision = CLIPModel.from_pretrained(clip_model, device=device)
+    vision = CLIPModel.from_pretrained(cfg.clip_model or CLIP_MODEL, device=device)
     identity = load_identity(cfg.face_encoder, cfg.dino_model, device) if cfg.face_loss_weight > 0 else None
-    face_report = identity.name if identity else "off (--face_loss_weight 0)"
-    print(f"face loss: {face_report}")
-    frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
-                    "bfloat16": torch.bfloat16}[cfg.weight_dtype]
     for m in (sd.unet, sd.vae, sd.text_encoder, vision) + ((identity.model,) if identity else ()):
         m.to(frozen_dtype)
-    models = attach(sd, vision, config, identity, cfg.lora_init)
+    models = attach(sd, vision, photoverse_config(cfg), identity, cfg.lora_init)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     models.vae.gradient_checkpointing = cfg.gradient_checkpointing   # L_face decodes x_hat with gradients
-    models.unet.train()
-    trainable = trainable_parameters(models)
+    return models, identity.name if identity else "off (--face_loss_weight 0)"
 
-    # 2. optimizer and learning-rate schedule (AdamW, as train.py)
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE if cfg.learning_rate is None else cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                  eps=cfg.adam_epsilon)
-    shape = LR_SCHEDULES[cfg.lr_scheduler]
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                    lambda s: shape(s, cfg.lr_warmup_steps, cfg.max_train_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
-    # 3. resume
-    step = 0
-    if resume_from is not None:
-        check_base(read_adapter_meta(resume_from), models, vision, resume_from)
-        load_trained_parts(models, resume_from)
-        base_lrs = [g["initial_lr"] for g in optimizer.param_groups]   # this run's, applied after the load
-        optimizer.load_state_dict(resume_state["optimizer"])
-        lr_schedule.load_state_dict(resume_state["lr_scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        apply_resumed_settings(optimizer, lr_schedule, base_lrs, cfg)
-        step = resume_state["step"]
-        print(f"resumed from {resume_from} at step {step}")
-    checkpoint.start_output_dir(out, step if resume_from is not None else None, RUN_FILES)
-    log_path = out / "logs.jsonl"
-    if log_path.is_file():                      # keep the log of the steps the trained state contains
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-    run_config = {**asdict(cfg), "face_loss": face_report}
-    atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(run_config, indent=2)))
-    base = cfg.pretrained_model_name_or_path
+def draw_faces(faces: FaceFolder, cfg, step: int, micro: int, device, dtype) -> dict:
+    """B random faces (each row's draws from its own generator, as every method's rows) and the fusion draw."""
+    gens = [row_generator(cfg, step, micro, 0, j) for j in range(cfg.train_batch_size)]
+    rows = []
+    for g in gens:
+        i = int(torch.randint(len(faces), (1,), generator=g))
+        rows.append(faces.load(i, cfg.resolution, cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)))
+    return {"pixel_values": torch.stack([x for x, _ in rows]).to(device, dtype),
+            "masks": torch.stack([m for _, m in rows]).to(device), "generators": gens,
+            "fusion_generator": row_generator(cfg, step, micro, 2, 0)}
+
+
+def validation_images(models: PhotoVerseModels, faces: FaceFolder, cfg) -> tuple[list, dict]:
+    """--validation_prompt's images of the folder's first face, as a user would give one; their PNG text."""
+    prompts = [cfg.validation_prompt] * cfg.num_validation_images
+    images = generate(models, load_image(faces.paths[0]), prompts, seed=cfg.seed, steps=cfg.sample_steps,
+                      height=cfg.resolution, width=cfg.resolution, progress=False)
+    return images, {"face": faces.paths[0].name}
+
+
+def write_adapter(folder: Path, models: PhotoVerseModels, cfg, step: int, face_report: str) -> None:
+    """The result, the same for checkpoints and the final folder: the trained parts and nanobooth.json."""
+    base, clip_model = cfg.pretrained_model_name_or_path, cfg.clip_model or CLIP_MODEL
     info = {"base_model": str(Path(base).resolve()) if Path(base).exists() else base,    # a Hub id stays an id
             "clip_model": str(Path(clip_model).resolve()) if Path(clip_model).exists() else clip_model,
             "face_loss": face_report}
+    save_adapter(folder / CHECKPOINT_NAME, models, {**info, "step": step})
+    write_result_info(folder, {"method": "photoverse", "base_model": info["base_model"], "adapter": CHECKPOINT_NAME,
+                               "face_loss": face_report, "step": step})
 
-    def write_result(folder: Path, step: int) -> None:
-        save_adapter(folder / CHECKPOINT_NAME, models, {**info, "step": step})
-        write_result_info(folder, {"method": "photoverse", "base_model": info["base_model"], "adapter": CHECKPOINT_NAME,
-                                   "face_loss": face_report, "step": step})
 
-    def draw_batch(micro: int) -> dict:
-        """B random faces (each row's draws from its own generator, as train.py) and the fusion draw."""
-        gens = [row_generator(cfg, step, micro, 0, j) for j in range(cfg.train_batch_size)]
-        rows = []
-        for g in gens:
-            i = int(torch.randint(len(faces), (1,), generator=g))
-            rows.append(faces.load(i, cfg.resolution, cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)))
-        return {"pixel_values": torch.stack([x for x, _ in rows]).to(device, frozen_dtype),
-                "masks": torch.stack([m for _, m in rows]).to(device), "generators": gens,
-                "fusion_generator": row_generator(cfg, step, micro, 2, 0)}
-
-    # 4. the loop
-    log_file = open(log_path, "a")
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="photoverse", unit="step")
-    t0 = time.time()
-    while step < cfg.max_train_steps:
-        finite = True
-        for micro in range(cfg.gradient_accumulation_steps):
-            with autocast(device, half):
-                loss, logs = photoverse_loss(draw_batch(micro), models, cfg)
-            finite = finite and bool(torch.isfinite(loss.detach()))
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-        stop_if_diverged(finite, grad_norm, scaler.is_enabled(), cfg, step + 1, logs, log_file)
-        scaler.step(optimizer)
-        scaler.update()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        logs = {"step": step, "lr": lr_schedule.get_last_lr()[0], **logs, "grad_norm": grad_norm,
-                "time": round(time.time() - t0, 3)}
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.1e}")
-        write_log(log_file, logs)
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-                     "scaler": scaler.state_dict(), "config": settings_record(cfg)}
-            saved = checkpoint.save_checkpoint(out, step, lambda f: write_result(f, step), state,
-                                               cfg.checkpoints_total_limit)
-            bar.write(f"step {step}: checkpoint {saved}")
-        if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
-            models.unet.eval()                  # the first face of the folder, as a user would give one
-            prompts = [cfg.validation_prompt] * cfg.num_validation_images
-            with autocast(device, half):
-                images = generate(models, load_image(faces.paths[0]), prompts, seed=cfg.seed, steps=cfg.sample_steps,
-                                  height=cfg.resolution, width=cfg.resolution, progress=False)
-            grid = out / "validation" / f"step-{step:06d}.png"
-            save_png(make_grid(images), grid,
-                     {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step, "face": faces.paths[0].name})
-            bar.write(f"step {step}: validation grid {grid}")
-            models.unet.train()
-    bar.close()
-    log_file.close()
-
-    # 5. the final output: the same files as a checkpoint, at the top of the output folder
-    write_result(out, step)
-    print(f"pretrained photoverse for {step} steps in {time.time() - t0:.0f}s; adapter in {out / CHECKPOINT_NAME}; "
-          f"face loss: {face_report}")
-    return models
-
+def read_adapter(folder: Path, models: PhotoVerseModels) -> None:
+    """A checkpoint's trained parts back into the models, for --resume_from_checkpoint."""
+    check_base(read_adapter_meta(folder), models, models.vision, folder)
+    load_trained_parts(models, folder)

@@ -21,7 +21,6 @@ the trainable set (here) and the loss (losses.py). Two methods add a little to t
 rows in each batch (`draw_fusion_rows`), and the object-driven method's stage 1 before it (`prototypical_stage`).
 """
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -31,37 +30,29 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
 import cli
-from data import list_images, load_image, make_grid, png_text, prepare, prepare_with_crop, save_png
-from hub import ModelLoadError, atomic_write, looks_like_path, read_json, read_safetensors
-from lora import INITS, inject_lora, load_lora, save_lora, save_lora_kohya
-from losses import LOSSES
-from methods import (DEFAULT_CLIP, TEMPLATES, Inputs, TrainModels, check_against_model, check_method_options,
-                     comfusion_targets, draw_fusion_rows, load_encoders, prototypical_stage, read_inputs, union_mask)
-from pipeline import (DEFAULT_MODEL, RESULT_INFO, SDXL_EMBEDDINGS, SDModels, add_token, default_device, generate,
-                      load_models, save_models, save_single_file, text_conditioning, time_ids, warn_long_prompts,
-                      write_result_info)
+from data import list_images, load_image, make_grid, prepare, prepare_with_crop, save_png
+from hub import ModelLoadError, atomic_write, looks_like_path, read_json
+from lora import INITS
+from losses import row_generator
+from methods import (METHOD_TABLE, TEMPLATES, Inputs, Run, TokenRows, TrainModels, check_against_model,
+                     check_class_images, comfusion_targets, draw_fusion_rows, export_result, load_encoders,
+                     prototypical_stage, setup_trainable, union_mask)
+from pipeline import (DEFAULT_MODEL, RESULT_INFO, SDModels, default_device, generate, load_models, text_conditioning,
+                      time_ids, warn_long_prompts)
 from single_file import is_single_file
 
 PRETRAIN = ("pretrain_vae", "pretrain_sd", "pretrain_clip", "pretrain_dino", "pretrain_classifier")   # the toy world's model: pretrain.py
-METHODS = ("dreambooth", "dreambooth_lora", "textual_inversion", "comfusion", "objectdriven", "photoverse", *PRETRAIN)
-DEFAULT_LR = {"dreambooth": 5e-6, "dreambooth_lora": 1e-4, "textual_inversion": 5e-4,  # docs/methods.md section 1
-              "comfusion": 5e-6, "objectdriven": 1e-4}                                # sections 2 and 3
-# Defaults that differ by method, applied by parse_args unless the flag is given. Textual Inversion: diffusers' recipe
-# (examples/textual_inversion: lr 5e-4 scaled by batch x accumulation x processes, so 2e-3 on one GPU, accumulation 4,
-# 3000 steps, random flips, no gradient clipping)
-METHOD_DEFAULTS = {"textual_inversion": dict(scale_lr=True, gradient_accumulation_steps=4, max_train_steps=3000,
-                                             random_flip=True, max_grad_norm=0.0)}
+METHODS = (*METHOD_TABLE, *PRETRAIN)    # methods.py's table says what differs between them
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -83,7 +74,7 @@ class TrainConfig:
     resolution: int = 512                    # training image size in pixels (a multiple of 8)
     center_crop: bool = False                # crop the centre of each photo (else a random crop per step)
     random_flip: bool = False                # mirror each photo with probability 0.5
-    learning_rate: float | None = None       # peak learning rate (None: the method's default, DEFAULT_LR)
+    learning_rate: float | None = None       # peak learning rate (None: the method's default, methods.py)
     scale_lr: bool = False                   # learning rates x batch x accumulation x processes (diffusers' --scale_lr)
     lr_scheduler: str = "constant"           # constant, constant_with_warmup, linear or cosine
     lr_warmup_steps: int = 0                 # linear warm-up steps of the learning rate
@@ -193,19 +184,9 @@ def parse_args(argv=None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         p.set_defaults(**DEMO)
-    p.set_defaults(**METHOD_DEFAULTS.get(p.parse_known_args(argv)[0].method, {}))
+    method = METHOD_TABLE.get(p.parse_known_args(argv)[0].method)
+    p.set_defaults(**(method.defaults if method else {}))      # the method's own defaults, unless given
     return TrainConfig(**vars(p.parse_args(argv)))
-
-
-METHOD_OPTIONS = {  # options only some methods read: giving one to another method is a mistake, not a no-op
-    "textual_inversion": ("num_vectors", "learnable_property"),
-    "comfusion": ("scenes", "num_scene_images", "tau_min", "tau_max", "fusion_steps", "fusion_every",
-                  "fusion_guidance", "instance_loss_weight", "visual_loss_weight", "textual_loss_weight",
-                  "dino_model", "clip_model"),
-    "objectdriven": ("instance_mask", "objects", "background_weight", "pe_steps", "pe_lr", "token_lr", "clip_model"),
-    "photoverse": ("vision_layers", "adapter_dim", "face_encoder", "face_loss_weight", "word_reg_weight",
-                   "value_reg_weight", "face_loss_max_timestep", "dino_model", "clip_model"),
-}
 
 
 RANGES = {  # every number of TrainConfig and the values it may take (None, where it is the default, means "off" or
@@ -234,8 +215,9 @@ def check_numbers(cfg: TrainConfig) -> None:
             try:
                 cli.check_number(f"--{name}", getattr(cfg, name), rule)
             except ValueError as e:
-                if name == "learning_rate" and cfg.method in DEFAULT_LR:
-                    raise ValueError(f"{e} (leave it out for the method's default, {DEFAULT_LR[cfg.method]:g})") from None
+                if name == "learning_rate" and cfg.method in METHOD_TABLE:
+                    default = METHOD_TABLE[cfg.method].lr
+                    raise ValueError(f"{e} (leave it out for the method's default, {default:g})") from None
                 raise
 
 
@@ -307,7 +289,7 @@ def claim_output_dir(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
         if name not in then and key in info:
             then[name] = info[key]
     now = settings_record(cfg)
-    stage_1 = ("clip_model",) if cfg.method == "objectdriven" else ()   # its CLIP serves stage 1 only, done by then
+    stage_1 = ("clip_model",) if METHOD_TABLE[cfg.method].prototypical else ()  # its CLIP serves stage 1, done by then
     for name in FIXED_ON_RESUME + stage_1:
         if name in then and then[name] != now[name]:
             raise ValueError(f"cannot resume from '{resume_from}': it was made with --{name} {then[name]}, this run has "
@@ -325,13 +307,13 @@ def apply_resumed_settings(optimizer, lr_schedule, base_lrs: list[float], cfg: T
                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
 
 
-def check_config(cfg: TrainConfig) -> Inputs:
+def check_config(cfg: TrainConfig):
     """Every mistake we can see before loading a model: one line saying what to change. Returns the run's
-    Inputs (each image opened, so a corrupt file fails now, not at step 300)."""
+    inputs (each image opened, so a corrupt file fails now, not at step 300): Inputs, PhotoVerse's face folder."""
     check_common(cfg)
-    defaults = TrainConfig()
-    for name in sorted({n for names in METHOD_OPTIONS.values() for n in names}):
-        owners = [m for m, names in METHOD_OPTIONS.items() if name in names]
+    method, defaults = METHOD_TABLE[cfg.method], TrainConfig()
+    for name in sorted({n for m in METHOD_TABLE.values() for n in m.options}):
+        owners = [n for n, m in METHOD_TABLE.items() if name in m.options]
         if cfg.method not in owners and getattr(cfg, name) != getattr(defaults, name):
             raise ValueError(f"--{name} is an option of --method {' and '.join(owners)}, not of {cfg.method}")
     if cfg.resolution % 8 or cfg.resolution <= 0:
@@ -340,7 +322,7 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got '{cfg.mixed_precision}'")
     if cfg.weight_dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise ValueError(f"--weight_dtype must be auto, float32, float16 or bfloat16, got '{cfg.weight_dtype}'")
-    trains_full_weights = cfg.method not in ("dreambooth_lora", "objectdriven") or cfg.train_text_encoder
+    trains_full_weights = not {"lora", "adapters"} & set(method.trains) or cfg.train_text_encoder
     if cfg.weight_dtype in ("float16", "bfloat16") and trains_full_weights:
         raise ValueError(f"--weight_dtype {cfg.weight_dtype} would make trainable weights half precision, which breaks "
                          f"gradient unscaling and AdamW: keep trainable weights float32 (--weight_dtype auto) and use "
@@ -351,7 +333,7 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
     if cfg.with_prior_preservation and not cfg.class_data_dir:
         raise ValueError("--with_prior_preservation needs --class_data_dir (class images are generated there once)")
-    if cfg.method == "textual_inversion" and cfg.with_prior_preservation:
+    if method.templates and cfg.with_prior_preservation:
         raise ValueError("Textual Inversion has no prior-preservation term: drop --with_prior_preservation")
     if cfg.cache_latents and not cfg.center_crop:
         raise ValueError("--cache_latents needs --center_crop (a random crop cannot be cached)")
@@ -361,16 +343,18 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ValueError(f"--learnable_property must be object or style, got '{cfg.learnable_property}'")
     if cfg.lora_init not in INITS:
         raise ValueError(f"--lora_init must be one of {', '.join(INITS)}, got '{cfg.lora_init}'")
-    check_method_options(cfg)
+    if method.check:
+        method.check(cfg)
     if cfg.export not in ("none", "kohya", "single_file"):
         raise ValueError(f"--export must be none, kohya or single_file, got '{cfg.export}'")
-    if cfg.export == "kohya" and cfg.method not in ("dreambooth_lora", "objectdriven"):
+    if cfg.export == "kohya" and "lora" not in method.trains:
+        lora = " and ".join(n for n, m in METHOD_TABLE.items() if "lora" in m.trains)
         raise ValueError(f"--export kohya writes a LoRA, and --method {cfg.method} trains none (the LoRA methods are "
-                         f"dreambooth_lora and objectdriven)")
-    if cfg.export == "single_file" and cfg.method in ("textual_inversion", "objectdriven"):
+                         f"{lora})")
+    if cfg.export == "single_file" and "tokens" in method.trains:
         raise ValueError(f"--export single_file cannot hold the new tokens of --method {cfg.method} (a single file has "
                          f"no tokenizer): drop --export and share the output folder, which sample.py loads")
-    if cfg.method not in ("textual_inversion", "objectdriven") and cfg.identifier not in cfg.instance_prompt.split():
+    if method.binds_identifier and cfg.identifier not in cfg.instance_prompt.split():
         warnings.warn(f"--instance_prompt '{cfg.instance_prompt}' does not contain the identifier '{cfg.identifier}': "
                       f"the subject will be bound to the prompt's ordinary words (set --identifier if you use "
                       f"another rare token)", stacklevel=2)
@@ -379,11 +363,7 @@ def check_config(cfg: TrainConfig) -> Inputs:
         raise ModelLoadError(f"--pretrained_model_name_or_path file '{base}' does not exist")
     if looks_like_path(base) and not is_single_file(base) and not Path(base).is_dir():
         raise ModelLoadError(f"--pretrained_model_name_or_path folder '{base}' does not exist")
-    inputs = read_inputs(cfg)
-    for prompt, folder, count in inputs.priors:             # class images: the right prompt, a folder to write to
-        if len(check_class_images(folder, prompt)) < count:
-            cli.check_out_dir("--class_data_dir", folder)
-    return inputs
+    return method.inputs(cfg)
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -435,165 +415,18 @@ def make_class_images(models: SDModels, cfg: TrainConfig, rank: int = 0, world: 
     return paths
 
 
-def check_class_images(folder: Path, prompt: str) -> list[Path]:
-    """The class images already in `folder`: a folder of images made for another prompt (their PNG text records
-    it) is refused rather than reused. Images without a recorded prompt (your own photos) are used as they are."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"class image folder '{folder}' is a file, not a folder")
-    have = list_images(folder, "class") if folder.is_dir() and any(folder.iterdir()) else []
-    for path in have:
-        made_for = png_text(path).get("prompt")
-        if made_for is not None and made_for != prompt:
-            raise ValueError(f"class image '{path}' was made for the prompt '{made_for}', not '{prompt}': give another "
-                             f"--class_data_dir (or empty this one) so the prior matches the prompt")
-    return have
-
-
 def check_prompts(models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
     """Prompts over CLIP's 77 tokens are cut: warn as sample.py does; an identifier in the part cut off would never
     be seen, which is an error."""
     prompts = [p for _, p, _ in inputs.instance] + [p for p, _, _ in inputs.priors]
     warn_long_prompts(models.tokenizer, prompts + ([cfg.validation_prompt] if cfg.validation_prompt else []))
-    if cfg.method in ("textual_inversion", "objectdriven"):
+    if not METHOD_TABLE[cfg.method].binds_identifier:
         return
     for p in dict.fromkeys(prompts[:len(inputs.instance)]):
         kept = models.tokenizer.decode(models.tokenizer.encode(p)[1:models.tokenizer.max_length - 1])
         if cfg.identifier in p.split() and cfg.identifier.lower() not in kept.split():
             raise ValueError(f"--instance_prompt '{p[:60]}...' puts the identifier '{cfg.identifier}' past CLIP's "
                              f"{models.tokenizer.max_length} tokens, where it is cut off: move it to the front")
-
-
-def setup_trainable(models: SDModels, cfg: TrainConfig, tokens: dict[str, str] | None = None) -> list[dict]:
-    """Freeze everything, then unfreeze what the method trains; add the new `tokens` (token -> words) to the
-    vocabulary. Returns optimizer parameter groups."""
-    for m in (models.unet, models.vae, *models.text_encoders.values()):
-        m.requires_grad_(False)
-    lr = DEFAULT_LR[cfg.method] if cfg.learning_rate is None else cfg.learning_rate
-    text_lr = lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
-    groups = []
-    if cfg.method in ("dreambooth", "comfusion"):                      # the whole UNet [paper; ComFusion: ours]
-        models.unet.requires_grad_(True)
-        groups.append({"params": list(models.unet.parameters()), "lr": lr})
-        for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
-            encoder.requires_grad_(True)
-            groups.append({"params": list(encoder.parameters()), "lr": text_lr})
-    if cfg.method in ("dreambooth_lora", "objectdriven"):              # LoRA on the attention projections
-        alpha = cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha
-        inject_lora(models.unet, ("to_q", "to_k", "to_v", "to_out.0"), rank=cfg.rank, alpha=alpha, init=cfg.lora_init)
-        groups.append({"params": lora_params(models.unet), "lr": lr})
-        for encoder in models.text_encoders.values() if cfg.train_text_encoder else ():   # SDXL: both
-            inject_lora(encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank=cfg.rank, alpha=alpha,
-                        init=cfg.lora_init)
-            groups.append({"params": lora_params(encoder), "lr": text_lr})
-    if tokens:                                                         # new rows of the embedding table
-        for token, words in tokens.items():
-            init = models.tokenizer.encode(words)[1:-1]
-            if cfg.method == "textual_inversion" and len(init) != 1:
-                raise ValueError(f"--initializer_token '{words}' must be a single CLIP token, it is {len(init)}")
-            n = cfg.num_vectors if cfg.method == "textual_inversion" else 1
-            for name, encoder in models.text_encoders.items():         # SDXL: a row in each encoder
-                table = encoder.text_model.embeddings.token_embedding.weight
-                vector = table[init].mean(0).detach().clone()          # several words: their mean [ours]
-                add_token(models, token, vector.expand(n, -1) if n > 1 else vector, name)  # n vectors: the same row
-        tables = [e.text_model.embeddings.token_embedding.weight for e in models.text_encoders.values()]
-        for table in tables:
-            table.requires_grad_(True)
-        groups.append({"params": tables, "lr": cfg.token_lr if cfg.method == "objectdriven" else lr})
-    return groups
-
-
-def lora_params(model) -> list[torch.nn.Parameter]:
-    params = [p for n, p in model.named_parameters() if ".lora_" in n]
-    for p in params:
-        p.data = p.data.float()                                        # trainable weights stay float32
-        p.requires_grad_(True)
-    return params
-
-
-def token_ids(models: SDModels, tokens) -> list[int]:
-    """The embedding rows of the new tokens (a multi-vector token has several)."""
-    return [i for t in tokens for i in models.tokenizer.encode(t)[1:-1]]
-
-
-def embedding_files(tokens) -> dict[str, str]:
-    """token -> the file its learned embedding is written to: learned_embeds.safetensors for one token, one file per
-    token for several (diffusers' load_textual_inversion reads one token per file)."""
-    tokens = list(tokens)
-    if len(tokens) == 1:
-        return {tokens[0]: "learned_embeds.safetensors"}
-    return {t: f"learned_embeds-{i}.safetensors" for i, t in enumerate(tokens, start=1)}
-
-
-def write_result(folder: Path, models: SDModels, cfg: TrainConfig, step: int, inputs: Inputs,
-                 full_copies: dict | None = None) -> None:
-    """The method's output, the same for checkpoints and the final folder, so both can be sampled from.
-    `full_copies`: float32 CPU copies of frozen parts the run holds in half precision, written in their place (a
-    full model keeps its VAE and text encoder as loaded; diffusers' script re-reads them from the base model)."""
-    files = {}
-    if cfg.method in ("dreambooth", "comfusion"):                      # a complete diffusers model folder
-        save_models(dataclasses.replace(models, **(full_copies or {})), folder)
-    if cfg.method in ("dreambooth_lora", "objectdriven"):
-        parts = {"unet": models.unet, **(models.text_encoders if cfg.train_text_encoder else {})}
-        save_lora(folder / "pytorch_lora_weights.safetensors", parts)
-        files["lora"] = "pytorch_lora_weights.safetensors"
-    if inputs.tokens:                                                  # diffusers' load_textual_inversion format
-        tables = {name: e.text_model.embeddings.token_embedding.weight for name, e in models.text_encoders.items()}
-        if models.text_encoder_2 is None:                              # {token: (d,) or (n, d)}, a file per token
-            for token, file in embedding_files(inputs.tokens).items():
-                rows = tables["text_encoder"][token_ids(models, [token])].detach().float().cpu().clone()
-                embeds = {token: rows[0] if len(rows) == 1 else rows}
-                atomic_write(folder / file, lambda p: save_file(embeds, str(p)))
-            names = list(embedding_files(inputs.tokens).values())
-            files["embeddings"] = names[0] if len(names) == 1 else names
-        else:                                                          # SDXL: A1111's clip_l / clip_g, (n, d) each
-            ids = token_ids(models, inputs.tokens)
-            embeds = {key: tables[name][ids].detach().float().cpu().clone() for key, name in SDXL_EMBEDDINGS.items()}
-            atomic_write(folder / "learned_embeds.safetensors", lambda p: save_file(embeds, str(p)))
-            files["embeddings"] = "learned_embeds.safetensors"
-        files["tokens"] = list(inputs.tokens)
-    if cfg.method in ("comfusion", "objectdriven"):                    # what the loss was trained against
-        files["loss_encoders"] = {"clip": DEFAULT_CLIP[cfg.method] if cfg.clip_model is None else cfg.clip_model,
-                                  **({"dino": cfg.dino_model} if cfg.method == "comfusion" else {})}
-    base = cfg.pretrained_model_name_or_path
-    base = str(Path(base).resolve()) if Path(base).exists() else base   # a folder or file; a Hub id stays an id
-    write_result_info(folder, {"method": cfg.method, "base_model": base,
-                               "instance_prompt": inputs.instance[0][1], "step": step, **files})
-
-
-def export_result(folder: Path, models: SDModels, cfg: TrainConfig) -> None:
-    """--export, for the final output only: kohya writes the LoRA in the kohya / A1111 / ComfyUI layout
-    beside the diffusers one; single_file writes the trained model, LoRA merged, as one original-layout file.
-    Both fp16, export.py's default."""
-    if cfg.export == "kohya":
-        parts = {"unet": models.unet, **(models.text_encoders if cfg.train_text_encoder else {})}
-        save_lora_kohya(folder / "lora_kohya.safetensors", parts, dtype=torch.float16)
-    if cfg.export == "single_file":
-        save_single_file(models, folder / "model.safetensors", dtype=torch.float16)
-
-
-def load_result(folder: Path, models: SDModels, cfg: TrainConfig, inputs: Inputs) -> None:
-    """Put a checkpoint's trained weights back into the (already set up) models, for --resume_from_checkpoint."""
-    try:
-        if cfg.method in ("dreambooth", "comfusion"):
-            models.unet.load_state_dict(read_safetensors(folder / "unet" / "diffusion_pytorch_model.safetensors")[0])
-            for name, encoder in models.text_encoders.items() if cfg.train_text_encoder else ():
-                encoder.load_state_dict(read_safetensors(folder / name / "model.safetensors")[0])
-        if cfg.method in ("dreambooth_lora", "objectdriven"):
-            load_lora(folder / "pytorch_lora_weights.safetensors", {"unet": models.unet, **models.text_encoders})
-        if inputs.tokens:
-            with torch.no_grad():
-                if models.text_encoder_2 is None:
-                    for token, file in embedding_files(inputs.tokens).items():
-                        rows = read_safetensors(folder / file)[0][token]
-                        models.text_encoder.text_model.embeddings.token_embedding.weight[token_ids(models, [token])] = rows
-                else:
-                    rows, ids = read_safetensors(folder / "learned_embeds.safetensors")[0], token_ids(models, inputs.tokens)
-                    for key, name in SDXL_EMBEDDINGS.items():
-                        models.text_encoders[name].text_model.embeddings.token_embedding.weight[ids] = rows[key]
-    except (RuntimeError, KeyError) as e:       # load_state_dict lists every mismatched tensor: keep the first
-        first = next(iter(str(e).replace("\n\t", " ").splitlines()[1:2] or [str(e)]), "")[:300]
-        raise ModelLoadError(f"checkpoint '{folder}' does not fit this base model ({first.strip()}): resume with the "
-                             f"base model it was trained from") from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -642,89 +475,136 @@ def setup_distributed(cfg: TrainConfig):
     return dist.get_rank(), world, device
 
 
-def row_generator(cfg: TrainConfig, step: int, micro: int, kind: int, row: int) -> torch.Generator:
-    """The generator of one row of the *global* batch (kind 0 instance, 1 class) at one micro-step. Every
-    random choice for that row comes from it (image, crop, flip, template, latent sample, timestep, noise),
-    so a resumed run draws the same numbers, and N processes x batch B draw what 1 process x batch N*B does."""
-    seed = np.random.SeedSequence([cfg.seed, step, micro, kind, row]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(seed))
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
+    """--weight_dtype: the dtype of the frozen parts (auto: the mixed-precision dtype)."""
+    return {"auto": HALF.get(cfg.mixed_precision, torch.float32), "float32": torch.float32, "float16": torch.float16,
+            "bfloat16": torch.bfloat16}[cfg.weight_dtype]
 
 
-def train(cfg: TrainConfig) -> SDModels:
-    """Run the whole training described by `cfg`; returns the trained models (the files are in output_dir)."""
-    check_common(cfg)
-    if cfg.method == "photoverse":              # adapters pretrained over a face dataset: its own loop
-        import photoverse_train
-        return photoverse_train.pretrain(cfg)
-    if cfg.method in PRETRAIN:                  # the toy world's model, one stage: pretrain.py's loop
-        import pretrain
-        return pretrain.from_train_config(cfg)
-    inputs = check_config(cfg)
-    out = Path(cfg.output_dir)
-    resume_from, resume_state = claim_output_dir(cfg)
-    rank, world, device = setup_distributed(cfg)
-    is_main = rank == 0                         # only rank 0 writes logs, checkpoints, images, the output
-    half = HALF.get(cfg.mixed_precision)
-    torch.manual_seed(cfg.seed)                 # LoRA's random A matrices (every other draw uses row_generator)
+@dataclass
+class Pools:
+    """What draw_batch reads: the images (resized once) with their prompts and object masks, and what is encoded
+    once (prompts unless the text encoder trains, latents with --cache_latents, ComFusion's fusion targets)."""
+    rows: list[list[tuple]]     # [instance rows, class rows]: (image, prompt, its object mask or None)
+    text: dict                  # {prompt: text_conditioning} (SDXL: with the pooled text); {} when the text trains
+    latents: dict               # {(kind, index, flip): (z0 mean, z0 std, crop)} with --cache_latents, else {}
+    fusion: dict | None         # ComFusion's comfusion_targets
+    models: TrainModels         # the text encoder(s), when they train
+    device: torch.device
+    vae_dtype: torch.dtype
+    sdxl: bool                  # time ids per row: original size and crop
 
-    # 1. models, frozen parts in the mixed-precision dtype (as diffusers' scripts), trainable parts float32
+
+def draw_batch(pools: Pools, cfg: TrainConfig, step: int, micro: int, rank: int = 0) -> dict:
+    """This rank's B instance rows, then B class rows: each row a random image, crop, flip (TI: template),
+    and the object mask cropped and flipped with its image (object-driven). ComFusion: its fusion rows."""
+    B, method = cfg.train_batch_size, METHOD_TABLE[cfg.method]
+    ids = [(kind, rank * B + j) for kind in range(2 if pools.rows[1] else 1) for j in range(B)]
+    gens = [row_generator(cfg, step, micro, kind, row) for kind, row in ids]
+    pixels, moments, prompts, mask_rows, sizes = [], [], [], [], []
+    for (kind, _), g in zip(ids, gens):
+        index = int(torch.randint(len(pools.rows[kind]), (1,), generator=g))
+        im, prompt, mask = pools.rows[kind][index]
+        flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
+        if method.templates:                                    # a random template of --learnable_property
+            templates = TEMPLATES[cfg.learnable_property]
+            prompt = templates[int(torch.randint(len(templates), (1,), generator=g))].format(cfg.placeholder_token)
+        prompts.append(prompt)
+        if mask is not None:                    # replays the image's crop draws: the same crop of the same size
+            replay = torch.Generator().set_state(g.get_state())
+            mask_rows.append(prepare(mask, cfg.resolution, cfg.center_crop, flip, replay)[:1] / 2 + 0.5)
+        if pools.latents:
+            moments.append(pools.latents[(kind, index, flip)])
+            crop = moments[-1][2]
+        else:
+            x, crop = prepare_with_crop(im, cfg.resolution, cfg.center_crop, flip, g)
+            pixels.append(x)
+        if pools.sdxl:                          # (h, w) before resizing, the crop's corner, the training size
+            sizes.append(time_ids(im.size[::-1], crop, (cfg.resolution, cfg.resolution)))
+    batch = {"generators": gens, "n_prior": B if pools.rows[1] else 0}
+    if mask_rows:
+        batch["mask"] = torch.stack(mask_rows).to(pools.device)             # (B, 1, R, R) in [0, 1]
+    if pools.fusion is not None and step % cfg.fusion_every == 0:   # ComFusion: kind 2 its rows, kind 3 the step's tau
+        fusion_gens = [row_generator(cfg, step, micro, 2, rank * B + j) for j in range(B)]
+        tau_gen = row_generator(cfg, step, micro, 3, 0)
+        batch["fusion"] = draw_fusion_rows(cfg, pools.fusion, pools.text, fusion_gens, tau_gen)
+    if not pools.text:
+        batch |= text_conditioning(pools.models, prompts)
+    else:
+        batch |= {k: torch.cat([pools.text[p][k] for p in prompts]) for k in pools.text[prompts[0]]}
+    if sizes:
+        batch["time_ids"] = torch.cat(sizes).to(pools.device)
+    if pools.latents:
+        batch["latent_mean"] = torch.cat([m[0] for m in moments])
+        batch["latent_std"] = torch.cat([m[1] for m in moments])
+    else:
+        batch["pixel_values"] = torch.stack(pixels).to(pools.device, pools.vae_dtype)
+    return batch
+
+
+def make_pools(models: SDModels, loss_models: TrainModels, cfg: TrainConfig, inputs: Inputs, class_rows) -> Pools:
+    """Images resized once, crops and flips per step; prompts encoded once unless the text encoder trains."""
+    rows = [[(load_image(p), prompt, union_mask(paths) if paths else None) for p, prompt, paths in inputs.instance],
+            [(load_image(p), prompt, None) for p, prompt in class_rows]]
+    fusion = comfusion_targets(models, loss_models.encoders, inputs, cfg) if METHOD_TABLE[cfg.method].fusion else None
+    prompts = {p for pool in rows for _, p, _ in pool} | ({"", *fusion["prompts"]} if fusion else set())
+    with torch.no_grad():
+        text = {} if cfg.train_text_encoder or inputs.tokens else {p: text_conditioning(models, [p]) for p in prompts}
+    vae_dtype, latents = next(models.vae.parameters()).dtype, {}
+    if cfg.cache_latents:                       # z0 moments of each image (and its mirror), scaled by s
+        with torch.no_grad():
+            for kind, pool in enumerate(rows):
+                for index, (im, _, _) in enumerate(pool):
+                    for flip in (False, True) if cfg.random_flip else (False,):
+                        x, crop = prepare_with_crop(im, cfg.resolution, True, flip)
+                        dist_ = models.vae.encode(x[None].to(models.device, vae_dtype))
+                        s = models.vae.config.scaling_factor
+                        latents[(kind, index, flip)] = (dist_.mean * s, dist_.std * s, crop)
+    return Pools(rows, text, latents, fusion, loss_models, models.device, vae_dtype,
+                 models.unet.config.addition_embed_type == "text_time")
+
+
+def validation_images(models: SDModels, cfg: TrainConfig) -> tuple[list, dict]:
+    """--validation_prompt's images (the grid's PNG text adds nothing to prompt, seed and step)."""
+    return generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed, steps=cfg.sample_steps,
+                    height=cfg.resolution, width=cfg.resolution, progress=False), {}
+
+
+def setup_finetune(cfg: TrainConfig, inputs: Inputs, device, frozen, rank: int, world: int, fresh: bool) -> Run:
+    """The set-up every SD fine-tune shares: models, frozen encoders, class images, what trains (frozen parts cast
+    to `frozen` first, as diffusers' scripts; trainable parts float32), object-driven stage 1, the data."""
     models = load_models(cfg.pretrained_model_name_or_path, device=device, revision=cfg.revision, variant=cfg.variant)
     check_against_model(models, cfg, inputs)
     check_prompts(models, cfg, inputs)
-    encoders = load_encoders(cfg, models, device, fresh=resume_from is None)
+    encoders = load_encoders(cfg, models, device, fresh=fresh)
     class_rows = [(path, prompt) for prompt, folder, count in inputs.priors
                   for path in make_class_images(models, cfg, rank, world, prompt, folder, count)]
-    groups = setup_trainable(models, cfg, inputs.tokens)
+    full_copies = {} if rank == 0 else None     # full-model outputs write the frozen parts float32, as loaded
+    groups = setup_trainable(models, cfg, inputs.tokens, frozen, full_copies)
     pe_logs = []
-    if cfg.method == "objectdriven" and resume_from is None:   # stage 1, once: a checkpoint holds its result
+    if METHOD_TABLE[cfg.method].prototypical and fresh:   # stage 1, once: a checkpoint holds its result
         pe_logs = prototypical_stage(models, encoders.pop("clip"), inputs.objects, cfg)
-    frozen_dtype = {"auto": half or torch.float32, "float32": torch.float32, "float16": torch.float16,
-                    "bfloat16": torch.bfloat16}[cfg.weight_dtype]
-    full_copies = {}                            # full-model outputs write the frozen parts float32, as loaded
-    for name, m in {"unet": models.unet, "vae": models.vae, **models.text_encoders}.items():
-        if not any(p.requires_grad for p in m.parameters()):
-            if is_main and cfg.method in ("dreambooth", "comfusion") and frozen_dtype != torch.float32:
-                full_copies[name] = copy.deepcopy(m).cpu()
-            m.to(frozen_dtype)
-    if models.vae.config.force_upcast:          # SDXL's VAE overflows in float16: float32, as diffusers' SDXL script
-        models.vae.float()
-    if cfg.method in ("dreambooth_lora", "objectdriven"):
-        models.unet.to(frozen_dtype)
-        lora_params(models.unet)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     for encoder in models.text_encoders.values():
         encoder.gradient_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
-    models.vae.gradient_checkpointing = cfg.gradient_checkpointing and cfg.method == "comfusion"  # the fusion stream
+    models.vae.gradient_checkpointing = cfg.gradient_checkpointing and METHOD_TABLE[cfg.method].fusion
     trained = {name: m for name, m in {"unet": models.unet, **models.text_encoders}.items()
                if any(p.requires_grad for p in m.parameters())}
     if world > 1:                               # DDP averages the gradients of the trained models across ranks
         trained = {name: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
                    for name, m in trained.items()}
     parts = {f.name: getattr(models, f.name) for f in dataclasses.fields(models)}
-    train_models = TrainModels(**{**parts, **trained}, encoders=encoders)
+    loss_models = TrainModels(**{**parts, **trained}, encoders=encoders)
+    pools = make_pools(models, loss_models, cfg, inputs, class_rows)
+    return Run(models, loss_models, groups, inputs, partial(draw_batch, pools, cfg, rank=rank),
+               partial(validation_images, models, cfg), ddp=trained if world > 1 else {},
+               rows=TokenRows.of(models, inputs.tokens) if inputs.tokens else None, full_copies=full_copies or {},
+               logs=pe_logs)
 
-    # 2. data: images resized once; crops and flips per step. Prompts encoded once unless the text encoder trains.
-    pools = [[(load_image(p), prompt) for p, prompt, _ in inputs.instance],
-             [(load_image(p), prompt) for p, prompt in class_rows]]
-    masks = {id(im): union_mask(paths) for (im, _), (_, _, paths) in zip(pools[0], inputs.instance) if paths}
-    fusion = comfusion_targets(models, encoders, inputs, cfg) if cfg.method == "comfusion" else None
-    prompts = {p for pool in pools for _, p in pool} | ({"", *fusion["prompts"]} if fusion else set())
-    text_trains = cfg.train_text_encoder or bool(inputs.tokens)
-    with torch.no_grad():                       # {prompt: text_conditioning} (SDXL: with the pooled text)
-        cached_text = {} if text_trains else {p: text_conditioning(models, [p]) for p in prompts}
-    sdxl = models.unet.config.addition_embed_type == "text_time"   # time ids per row: original size and crop
-    vae_dtype = next(models.vae.parameters()).dtype
-    latent_cache = {}
-    if cfg.cache_latents:                       # z0 moments of each image (and its mirror), scaled by s
-        with torch.no_grad():
-            for im, _ in pools[0] + pools[1]:
-                for flip in (False, True) if cfg.random_flip else (False,):
-                    x, crop = prepare_with_crop(im, cfg.resolution, True, flip)
-                    dist_ = models.vae.encode(x[None].to(device, vae_dtype))
-                    s = models.vae.config.scaling_factor
-                    latent_cache[(id(im), flip)] = (dist_.mean * s, dist_.std * s, crop)
 
-    # 3. optimizer and learning-rate schedule (AdamW, Loshchilov & Hutter 2019; settings from docs/methods.md section 1)
+def make_optimizer(groups: list[dict], cfg: TrainConfig, world: int, device):
+    """AdamW (Loshchilov & Hutter 2019; settings from docs/methods.md section 1), its learning-rate schedule, the fp16
+    scaler."""
     if cfg.scale_lr:                            # diffusers' --scale_lr: the rate of the whole (global) batch
         for g in groups:
             g["lr"] *= cfg.train_batch_size * cfg.gradient_accumulation_steps * world
@@ -732,18 +612,51 @@ def train(cfg: TrainConfig) -> SDModels:
                                   eps=cfg.adam_epsilon)
     shape = LR_SCHEDULES[cfg.lr_scheduler]
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: shape(s, cfg.lr_warmup_steps, cfg.max_train_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    trainable = [p for g in groups for p in g["params"]]
-    if inputs.tokens:                           # only the new rows of the embedding table(s: SDXL) may change
-        tables = [e.text_model.embeddings.token_embedding.weight for e in models.text_encoders.values()]
-        new_rows = torch.tensor(token_ids(models, inputs.tokens), device=tables[0].device)
-        keep = ~torch.isin(torch.arange(tables[0].shape[0], device=tables[0].device), new_rows)
-        original_rows = [table.detach().clone() for table in tables]
+    return optimizer, lr_schedule, torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
-    # 4. resume (every rank reads the checkpoint; the random draws need no state: see row_generator)
+
+def start_logs(out: Path, cfg: TrainConfig, run: Run, step: int | None) -> Path:
+    """The run's folder (step: the resumed step, None for a fresh run), logs.jsonl cut to the steps the model state
+    contains, train_config.json, and the log lines of before the loop."""
+    checkpoint.start_output_dir(out, step, RUN_FILES)
+    log_path = out / "logs.jsonl"
+    if log_path.is_file():                      # keep the log of the steps the model state contains
+        kept = [line for line in log_path.read_text().splitlines()
+                if line and step is not None and json.loads(line)["step"] <= step]
+        atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+    atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps({**asdict(cfg), **run.info}, indent=2)))
+    with open(log_path, "a") as f:              # the object-driven stage 1 (step 0), one line per Adam step
+        for line in run.logs:
+            write_log(f, line)
+    return log_path
+
+
+def train(cfg: TrainConfig) -> SDModels:
+    """Run the whole training described by `cfg`; returns the trained models (the files are in output_dir)."""
+    check_common(cfg)
+    if cfg.method in PRETRAIN:                  # the toy world's model, one stage: pretrain.py's loop
+        import pretrain
+        return pretrain.from_train_config(cfg)
+    method = METHOD_TABLE[cfg.method]
+    inputs = check_config(cfg)
+    out = Path(cfg.output_dir)
+    resume_from, resume_state = claim_output_dir(cfg)
+    rank, world, device = setup_distributed(cfg)
+    is_main = rank == 0                         # only rank 0 writes logs, checkpoints, images, the output
+    half = HALF.get(cfg.mixed_precision)
+    torch.manual_seed(cfg.seed)                 # LoRA's and adapters' initial weights (other draws: row_generator)
+
+    # 1. models, what trains, data: the method's setup (PhotoVerse's own; every other method's setup_finetune)
+    run = (method.setup or setup_finetune)(cfg, inputs, device, frozen_dtype(cfg), rank, world, resume_from is None)
+
+    # 2. optimizer and learning-rate schedule
+    optimizer, lr_schedule, scaler = make_optimizer(run.groups, cfg, world, device)
+    trainable = [p for g in run.groups for p in g["params"]]
+
+    # 3. resume (every rank reads the checkpoint; the random draws need no state: see row_generator)
     step = 0
     if resume_from is not None:
-        load_result(resume_from, models, cfg, inputs)
+        method.read(resume_from, run, cfg)
         base_lrs = [g["initial_lr"] for g in optimizer.param_groups]   # this run's, applied after the load
         optimizer.load_state_dict(resume_state["optimizer"])
         lr_schedule.load_state_dict(resume_state["lr_scheduler"])
@@ -752,66 +665,10 @@ def train(cfg: TrainConfig) -> SDModels:
         step = resume_state["step"]
         del resume_state
         print(f"resumed from {resume_from} at step {step}")
-    log_path = out / "logs.jsonl"
-    if is_main:
-        checkpoint.start_output_dir(out, step if resume_from is not None else None, RUN_FILES)
-        if log_path.is_file():                  # keep the log of the steps the model state contains
-            kept = [line for line in log_path.read_text().splitlines()
-                    if line and resume_from is not None and json.loads(line)["step"] <= step]
-            atomic_write(log_path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-        atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
-        with open(log_path, "a") as f:          # the object-driven stage 1 (step 0), one line per Adam step
-            for line in pe_logs:
-                write_log(f, line)
+    log_path = start_logs(out, cfg, run, step if resume_from is not None else None) if is_main else None
 
-    def draw_batch(micro: int):
-        """This rank's B instance rows, then B class rows: each row a random image, crop, flip (TI: template),
-        and the object mask cropped and flipped with its image (object-driven). ComFusion: its fusion rows."""
-        B = cfg.train_batch_size
-        ids = [(kind, rank * B + j) for kind in range(2 if pools[1] else 1) for j in range(B)]
-        gens = [row_generator(cfg, step, micro, kind, row) for kind, row in ids]
-        pixels, moments, prompts, mask_rows, sizes = [], [], [], [], []
-        for (kind, _), g in zip(ids, gens):
-            im, prompt = pools[kind][int(torch.randint(len(pools[kind]), (1,), generator=g))]
-            flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
-            if cfg.method == "textual_inversion":               # a random template of --learnable_property
-                templates = TEMPLATES[cfg.learnable_property]
-                prompt = templates[int(torch.randint(len(templates), (1,), generator=g))].format(cfg.placeholder_token)
-            prompts.append(prompt)
-            if id(im) in masks:                 # replays the image's crop draws: the same crop of the same size
-                replay = torch.Generator().set_state(g.get_state())
-                mask_rows.append(prepare(masks[id(im)], cfg.resolution, cfg.center_crop, flip, replay)[:1] / 2 + 0.5)
-            if latent_cache:
-                moments.append(latent_cache[(id(im), flip)])
-                crop = moments[-1][2]
-            else:
-                x, crop = prepare_with_crop(im, cfg.resolution, cfg.center_crop, flip, g)
-                pixels.append(x)
-            if sdxl:                            # (h, w) before resizing, the crop's corner, the training size
-                sizes.append(time_ids(im.size[::-1], crop, (cfg.resolution, cfg.resolution)))
-        batch = {"generators": gens, "n_prior": B if pools[1] else 0}
-        if mask_rows:
-            batch["mask"] = torch.stack(mask_rows).to(device)                  # (B, 1, R, R) in [0, 1]
-        if fusion is not None and step % cfg.fusion_every == 0:   # ComFusion: kind 2 its rows, kind 3 the step's tau
-            fusion_gens = [row_generator(cfg, step, micro, 2, rank * B + j) for j in range(B)]
-            tau_gen = row_generator(cfg, step, micro, 3, 0)
-            batch["fusion"] = draw_fusion_rows(cfg, fusion, cached_text, fusion_gens, tau_gen)
-        if text_trains:
-            batch |= text_conditioning(train_models, prompts)
-        else:
-            batch |= {k: torch.cat([cached_text[p][k] for p in prompts]) for k in cached_text[prompts[0]]}
-        if sizes:
-            batch["time_ids"] = torch.cat(sizes).to(device)
-        if latent_cache:
-            batch["latent_mean"] = torch.cat([m[0] for m in moments])
-            batch["latent_std"] = torch.cat([m[1] for m in moments])
-        else:
-            batch["pixel_values"] = torch.stack(pixels).to(device, vae_dtype)
-        return batch
-
-    # 5. the loop
-    loss_fn = LOSSES[cfg.method]
-    models.unet.train()
+    # 4. the loop
+    run.models.unet.train()
     log_file = open(log_path, "a") if is_main else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.method, unit="step", disable=not is_main)
     t0 = time.time()
@@ -819,17 +676,16 @@ def train(cfg: TrainConfig) -> SDModels:
         finite = True
         for micro in range(cfg.gradient_accumulation_steps):
             with contextlib.ExitStack() as no_sync:
-                if world > 1 and micro < cfg.gradient_accumulation_steps - 1:   # all-reduce once per step
-                    for m in trained.values():
+                if micro < cfg.gradient_accumulation_steps - 1:        # DDP: all-reduce once per step
+                    for m in run.ddp.values():
                         no_sync.enter_context(m.no_sync())
                 with autocast(device, half):
-                    loss, logs = loss_fn(draw_batch(micro), train_models, cfg)
+                    loss, logs = method.loss(run.batch(step, micro), run.loss_models, cfg)
                 finite = finite and bool(torch.isfinite(loss.detach()))
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
-        for table in tables if inputs.tokens else ():                  # only the new rows train: drop the rest,
-            if table.grad is not None:                                 # so clipping measures the trained rows alone
-                table.grad[keep] = 0
+        if run.rows:                                                   # only the new rows train: drop the rest,
+            run.rows.drop_frozen_grads()                               # so clipping measures the trained rows alone
         if cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
         else:                                                          # 0: no clipping, the norm is only logged
@@ -839,10 +695,8 @@ def train(cfg: TrainConfig) -> SDModels:
         scaler.update()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if inputs.tokens:                                              # only the new rows may change
-            with torch.no_grad():
-                for table, original in zip(tables, original_rows):
-                    table[keep] = original[keep]
+        if run.rows:                                                   # only the new rows may change
+            run.rows.restore()
         step += 1
         if world > 1:                                                  # log the mean over ranks
             values = torch.tensor(list(logs.values()), dtype=torch.float64, device=device)
@@ -858,31 +712,29 @@ def train(cfg: TrainConfig) -> SDModels:
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
                      "scaler": scaler.state_dict(), "config": settings_record(cfg)}
-            saved = checkpoint.save_checkpoint(out, step, lambda f: write_result(f, models, cfg, step, inputs, full_copies),
-                                               state,
+            saved = checkpoint.save_checkpoint(out, step, lambda f: method.write(f, run, cfg, step), state,
                                                cfg.checkpoints_total_limit)
             bar.write(f"step {step}: checkpoint {saved}")
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
-            models.unet.eval()
+            run.models.unet.eval()
             with autocast(device, half):
-                images = generate(models, [cfg.validation_prompt] * cfg.num_validation_images, seed=cfg.seed,
-                                  steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution, progress=False)
+                images, text = run.validate()
             grid = out / "validation" / f"step-{step:06d}.png"
-            save_png(make_grid(images), grid, {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step})
+            save_png(make_grid(images), grid, {"prompt": cfg.validation_prompt, "seed": cfg.seed, "step": step, **text})
             bar.write(f"step {step}: validation grid {grid}")
-            models.unet.train()
+            run.models.unet.train()
     bar.close()
 
-    # 6. the final output: the same files as a checkpoint, at the top of the output folder
+    # 5. the final output: the same files as a checkpoint, at the top of the output folder
     if is_main:
         log_file.close()
-        write_result(out, models, cfg, step, inputs, full_copies)
-        export_result(out, dataclasses.replace(models, **full_copies), cfg)
+        method.write(out, run, cfg, step)
+        export_result(out, run, cfg)
         print(f"trained {cfg.method} for {step} steps in {time.time() - t0:.0f}s; result in {out}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return models
+    return run.models
 
 
 def main(argv=None) -> Path:

@@ -115,7 +115,7 @@ def build_ours(models: dict, scenario: str, args) -> dict:
     from pipeline import SDModels, encode_prompts
     from schedulers import NoiseSchedule
     from losses import dreambooth_loss
-    from train import HALF, TrainConfig, lora_params, row_generator, setup_trainable
+    from train import HALF, TrainConfig, row_generator, setup_trainable
     device = torch.device(args.device)
     lora = scenario == "lora"
     cfg = TrainConfig(method="dreambooth_lora" if lora else "dreambooth", mixed_precision=
@@ -127,15 +127,9 @@ def build_ours(models: dict, scenario: str, args) -> dict:
                   vae=models["vae"], schedule=NoiseSchedule.sd())
     data = make_data(models, args)
 
-    # train.train(), "1. models": freeze, unfreeze what trains, frozen parts in the mixed-precision dtype
+    # train.train(), "1. models": freeze, frozen parts in the mixed-precision dtype, then what trains (float32)
     half = HALF.get(cfg.mixed_precision)
-    groups = setup_trainable(sd, cfg)
-    for m in (sd.unet, sd.vae, sd.text_encoder):
-        if not any(p.requires_grad for p in m.parameters()):
-            m.to(half or torch.float32)
-    if lora:
-        sd.unet.to(half or torch.float32)
-        lora_params(sd.unet)
+    groups = setup_trainable(sd, cfg, frozen_dtype=half or torch.float32)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
     # "2. data": prompt embeddings once (text encoder frozen); with --cache_latents the VAE moments once
     vae_dtype = next(sd.vae.parameters()).dtype

@@ -3,6 +3,7 @@ argparse's own errors), one line on stderr with no traceback, and the output fol
 unchanged. The cases run in-process through each script's real entry point (`cli.run(main)`); a few run as a
 subprocess to show the same at `python script.py`. Then what keeps runs apart: a NaN loss stops, one folder per
 run, a resume checked against its checkpoint before any class image, sample sets, and the PNG `parameters` text."""
+import dataclasses
 import hashlib
 import json
 import math
@@ -459,7 +460,7 @@ def test_a_new_learning_rate_on_resume_is_applied(tiny_sd1, tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- NaN, logs, console
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd1, tmp_path, capsys, monkeypatch):
-    real, calls = train.LOSSES["dreambooth_lora"], []
+    real, calls = train.METHOD_TABLE["dreambooth_lora"].loss, []
 
     def nan_at_step_3(batch, models, cfg):
         loss, logs = real(batch, models, cfg)
@@ -468,7 +469,8 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd1, tmp_path,
             loss = loss * float("nan")
             logs = {**logs, "loss": float("nan")}
         return loss, logs
-    monkeypatch.setitem(train.LOSSES, "dreambooth_lora", nan_at_step_3)
+    monkeypatch.setitem(train.METHOD_TABLE, "dreambooth_lora",
+                        dataclasses.replace(train.METHOD_TABLE["dreambooth_lora"], loss=nan_at_step_3))
     out = tmp_path / "out"
     status, text = fail("train", lora_args(tiny_sd1, out, 6, "--checkpointing_steps", "2", "--learning_rate", "1e-3"),
                         capsys)

@@ -45,7 +45,7 @@ def ti_args(model, out, *extra):
 
 def test_the_defaults_are_diffusers_recipe(tiny_sd1, tmp_path):
     cfg = train.parse_args(ti_args(tiny_sd1, tmp_path))
-    assert (cfg.learning_rate or train.DEFAULT_LR[cfg.method]) == 5e-4 and cfg.scale_lr
+    assert (cfg.learning_rate or train.METHOD_TABLE[cfg.method].lr) == 5e-4 and cfg.scale_lr
     assert (cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.train_batch_size) == (4, 3000, 1)
     assert cfg.random_flip and cfg.max_grad_norm == 0 and cfg.lr_scheduler == "constant"
     assert train.TEMPLATES["object"] == DIFFUSERS_OBJECT and len(DIFFUSERS_OBJECT) == 27

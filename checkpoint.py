@@ -11,6 +11,7 @@ It is written into `.checkpoint-STEP.tmp/` and renamed into place when complete 
 one file system), so the newest `checkpoint-*` folder is always whole; a failed write removes its `.tmp` folder,
 and what a killed process leaves (which `latest_checkpoint` never picks) the next run removes (`remove_temp_files`).
 """
+import math
 import os
 import re
 import shutil
@@ -22,6 +23,20 @@ from safetensors import SafetensorError, safe_open
 from hub import ModelLoadError, read_pickle
 
 STATE_FILE = "training_state.pt"
+
+LR_SCHEDULES = {  # multiplier of the base learning rate at optimizer step s (warmup w, total n); a checkpoint holds
+    # the schedule's step, train.py and pretrain.py both read these
+    "constant": lambda s, w, n: 1.0,
+    "constant_with_warmup": lambda s, w, n: min(1.0, (s + 1) / max(1, w)),
+    "linear": lambda s, w, n: min((s + 1) / max(1, w), max(0.0, (n - s) / max(1, n - w))),
+    "cosine": lambda s, w, n: min((s + 1) / max(1, w), 0.5 * (1 + math.cos(math.pi * max(0, s - w) / max(1, n - w)))),
+}
+
+
+def lr_schedule(optimizer, name: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The optimizer's learning rates times LR_SCHEDULES[name] at each step."""
+    shape = LR_SCHEDULES[name]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: shape(s, warmup, total))
 
 
 def checkpoints(output_dir) -> list[Path]:

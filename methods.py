@@ -1,9 +1,11 @@
-"""What each method needs before the loop: its inputs (scenes, masks, objects), its prior images, its frozen
-encoders, the object-driven stage 1.
+"""What differs between the methods, in one table (`METHOD_TABLE`, one `Method` record each), and what the SD
+fine-tunes need before the loop: their inputs (scenes, masks, objects), their prior images, their frozen encoders,
+the object-driven stage 1, what trains, and the result files.
 
-train.py's loop is the same for every method; what differs is read here (check_config -> `read_inputs` ->
-Inputs), the trainable set (train.py `setup_trainable`) and the loss (losses.py). Two methods need more than a
-folder of photos and a prompt:
+train.py's loop is the same for every method; it reads the record: what trains ("unet", "lora", "tokens",
+"adapters"), the loss (losses.py; PhotoVerse's in photoverse_train.py), the default learning rate and the method's
+own flags, its priors and frozen encoders, its checks, its inputs, its setup (a `Run`: models, optimizer groups,
+batches, validation), and its result writer and reader. Two methods need more than a folder of photos and a prompt:
 
     ComFusion (arXiv 2402.11849; docs/methods.md section 2): scene phrases, one folder of class-scene prior images per
         scene, frozen DINO and CLIP encoders, and fusion-stream rows in each batch.
@@ -12,10 +14,10 @@ folder of photos and a prompt:
         before the loop.
 
 The others need little: DreamBooth its class images (`prior_sets`), Textual Inversion its new token and prompt
-templates (`TEMPLATES`).
+templates (`TEMPLATES`). PhotoVerse (photoverse_train.py) pretrains adapters over a face folder.
 
-`cfg` is train.py's TrainConfig (not imported here, so that train.py can import this file). Comments mark what
-is the paper's ([paper]) and what is our reading ([ours]), as the README's method table does.
+`cfg` is train.py's TrainConfig (not imported here: train.py is the entry point that imports this file). Comments
+mark what is the paper's ([paper]) and what is our reading ([ours]), as the README's method table does.
 """
 import copy
 import dataclasses

@@ -22,8 +22,8 @@ This is a different kind of training from train.py's: adapters over a face datas
 one subject's photos, and its models are more than `SDModels` (a CLIP image tower, the adapters, a face
 encoder). This file is the model and its use: the adapters, the dual-branch cross-attention and random fusion,
 the placeholder S*, the checkpoint, and inference (`face_condition`, which sample.py --method photoverse uses). Its
-pretraining (the loss, the face data, the loop) is photoverse_train.py; train.py's `--method photoverse` only
-dispatches to `photoverse_train.pretrain`.
+pretraining (the loss, the face data, the batches) is photoverse_train.py, and it runs through train.py's loop
+(`--method photoverse`: methods.py's table names its pieces).
 
 Checkpoint contract: the base UNet keeps its key names (`...attn2.to_k.weight` still loads strict=True);
 the trained parts are one safetensors file, `photoverse.safetensors`, holding only `adapters.*` and

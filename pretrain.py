@@ -425,8 +425,7 @@ def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = min(cfg.warmup_steps, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup))
-                                                 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = checkpoint.lr_schedule(optimizer, "cosine", warmup, steps)          # train.py's --lr_scheduler cosine
     step, seconds = 0, 0.0
     if (latest := checkpoint.latest_checkpoint(work)) is not None:
         state = checkpoint.load_state(latest)
@@ -499,19 +498,24 @@ def write_samples(out: Path, seed: int = 0) -> None:
 
 def from_train_config(cfg) -> dict:
     """`train.py --method pretrain_<stage>`: that stage into --output_dir (work files in OUTPUT/pretrain-work);
-    --seed and --checkpointing_steps apply, and --max_train_steps, --train_batch_size, --learning_rate when given."""
+    --seed and --checkpointing_steps apply, and --max_train_steps, --train_batch_size, --learning_rate when given
+    (train.py's check_common has checked them)."""
     defaults = type(cfg)()
-    argv = ["--stage", cfg.method.removeprefix("pretrain_"), "--output_dir", cfg.output_dir,
-            "--work_dir", str(Path(cfg.output_dir) / "pretrain-work"), "--seed", str(cfg.seed),
-            "--checkpointing_steps", str(cfg.checkpointing_steps)]
-    for name in ("max_train_steps", "train_batch_size", "learning_rate"):
-        if getattr(cfg, name) != getattr(defaults, name):
-            argv += [f"--{name}", str(getattr(cfg, name))]
-    return main(argv)
+    given = {name: getattr(cfg, name) for name in ("max_train_steps", "train_batch_size", "learning_rate")
+             if getattr(cfg, name) != getattr(defaults, name)}
+    return run(PretrainConfig(stage=cfg.method.removeprefix("pretrain_"), output_dir=cfg.output_dir,
+                              work_dir=str(Path(cfg.output_dir) / "pretrain-work"), seed=cfg.seed,
+                              checkpointing_steps=cfg.checkpointing_steps, **given))
 
 
 def main(argv=None) -> dict:
-    cfg = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run(parse_args(argv), "python " + " ".join([Path(sys.argv[0]).name, *argv]))
+
+
+def run(cfg: PretrainConfig, command: str | None = None) -> dict:
+    """The stages of `cfg` (each resumed from its newest checkpoint, a finished one kept), then pretrain.json, which
+    records `command` (None: the command line of this process)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out, work = Path(cfg.output_dir), Path(cfg.work_dir)
@@ -519,7 +523,7 @@ def main(argv=None) -> dict:
     pool = world_pool(cfg.seed, cfg.pool_size, work)
     info_path = out / "pretrain.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    command = "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = command or "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     hardware = (f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads")
     info.update({"seed": cfg.seed, "pool_size": cfg.pool_size})

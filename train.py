@@ -1,4 +1,4 @@
-"""Personalize Stable Diffusion: DreamBooth, DreamBooth-LoRA, Textual Inversion, ComFusion, object-driven one-shot.
+"""Personalize Stable Diffusion: DreamBooth, DreamBooth-LoRA, Textual Inversion, ComFusion, object-driven, PhotoVerse.
 
     python train.py --method dreambooth --instance_data_dir photos/ --instance_prompt "a photo of sks dog" \
         --with_prior_preservation --class_prompt "a photo of dog" --output_dir runs/dog
@@ -6,6 +6,7 @@
         --class_prompt "a photo of dog" --class_data_dir class_scenes/ --output_dir runs/comfusion
     python train.py --method objectdriven --objects assets/demo/dog_object.json --class_data_dir classes/ \
         --output_dir runs/objectdriven
+    python train.py --method photoverse --instance_data_dir faces/ --output_dir runs/photoverse   # adapters, once
     python train.py --method pretrain_sd --output_dir runs/toy      # one stage of the toy model (pretrain.py)
     python train.py --demo              # offline, on a CPU: DreamBooth on a toy subject with the shipped toy model
 
@@ -16,9 +17,12 @@ same. The file reads top to bottom as one loop:
            -> for step: batch -> loss (losses.py) -> backward -> clip -> step -> log / checkpoint / validate
            -> final output
 
-What differs between methods is the data they read, their frozen encoders and setup before the loop (methods.py),
-the trainable set (here) and the loss (losses.py). Two methods add a little to the loop: ComFusion's fusion-stream
-rows in each batch (`draw_fusion_rows`), and the object-driven method's stage 1 before it (`prototypical_stage`).
+What differs between methods is one record each in methods.py's METHOD_TABLE: what trains, the loss
+(losses.py), the default learning rate and own flags, the priors and frozen encoders, the checks, the data, the
+setup and the result files. The SD fine-tunes share `setup_finetune` here; PhotoVerse's pretraining over a face
+folder (photoverse_train.py) has its own setup and runs through the same loop. Two methods add a little to the
+batch or before the loop: ComFusion's fusion-stream rows (`draw_fusion_rows`), and the object-driven method's
+stage 1 (`prototypical_stage`).
 """
 import contextlib
 import dataclasses
@@ -40,6 +44,7 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
+from checkpoint import LR_SCHEDULES
 from data import list_images, load_image, make_grid, prepare, prepare_with_crop, save_png
 from hub import ModelLoadError, atomic_write, looks_like_path, read_json
 from lora import INITS
@@ -368,13 +373,6 @@ def check_config(cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------- pieces of the loop
 
-LR_SCHEDULES = {  # multiplier of the base learning rate at optimizer step s (warmup w, total n)
-    "constant": lambda s, w, n: 1.0,
-    "constant_with_warmup": lambda s, w, n: min(1.0, (s + 1) / max(1, w)),
-    "linear": lambda s, w, n: min((s + 1) / max(1, w), max(0.0, (n - s) / max(1, n - w))),
-    "cosine": lambda s, w, n: min((s + 1) / max(1, w), 0.5 * (1 + math.cos(math.pi * max(0, s - w) / max(1, n - w)))),
-}
-
 
 def autocast(device, half: torch.dtype | None):
     """Mixed precision (--mixed_precision fp16 / bf16): the training step and every image made during a run (validation,
@@ -610,9 +608,8 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig, world: int, device):
             g["lr"] *= cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                   eps=cfg.adam_epsilon)
-    shape = LR_SCHEDULES[cfg.lr_scheduler]
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: shape(s, cfg.lr_warmup_steps, cfg.max_train_steps))
-    return optimizer, lr_schedule, torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    schedule = checkpoint.lr_schedule(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps)
+    return optimizer, schedule, torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
 
 def start_logs(out: Path, cfg: TrainConfig, run: Run, step: int | None) -> Path:

@@ -198,3 +198,19 @@ def test_second_rounds(pretrained, tmp_path):
     assert pretrain.settings_of(cfg, "sd")["colour_dropout"] == 0.5
     with pytest.raises(SystemExit, match="--init_from"):
         pretrain.parse_args(["--stage", "clip", "--init_from", str(copy / "model")])
+
+
+def test_train_py_passes_its_values_to_the_stage(tmp_path, monkeypatch):
+    """`train.py --method pretrain_<stage>` hands pretrain.py a PretrainConfig of its values (no argv round trip):
+    the given ones set, the others the stage's own (None)."""
+    import train
+    seen = []
+    monkeypatch.setattr(pretrain, "run", lambda cfg, command=None: seen.append(cfg) or {})
+    train.train(train.parse_args(["--method", "pretrain_sd", "--output_dir", str(tmp_path), "--seed", "3",
+                                  "--max_train_steps", "7", "--checkpointing_steps", "5"]))
+    assert seen == [pretrain.PretrainConfig(stage="sd", output_dir=str(tmp_path), seed=3, max_train_steps=7,
+                                            work_dir=str(tmp_path / "pretrain-work"), checkpointing_steps=5)]
+    train.train(train.parse_args(["--method", "pretrain_vae", "--output_dir", str(tmp_path), "--learning_rate", "0.01",
+                                  "--train_batch_size", "4"]))
+    assert (seen[1].stage, seen[1].learning_rate, seen[1].train_batch_size, seen[1].max_train_steps) == ("vae", 0.01, 4,
+                                                                                                          None)

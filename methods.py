@@ -578,13 +578,6 @@ def setup_photoverse(cfg, faces, device, frozen_dtype, rank: int = 0, world: int
                partial(photoverse_train.validation_images, models, faces, cfg), info={"face_loss": face_report})
 
 
-def write_photoverse(folder: Path, run: Run, cfg, step: int) -> None:
-    photoverse_train.write_adapter(folder, run.models, cfg, step, run.info["face_loss"])
-
-
-def read_photoverse(folder: Path, run: Run, cfg) -> None:
-    photoverse_train.read_adapter(folder, run.models)
-
 # ----------------------------------------------------------------------------- the method table
 
 
@@ -645,5 +638,6 @@ METHOD_TABLE = {
                           "value_reg_weight", "face_loss_max_timestep", "dino_model", "clip_model"),
                          encoders=("clip", "face"), clip=photoverse_train.CLIP_MODEL,
                          check=photoverse_train.check_options, inputs=photoverse_train.read_faces,
-                         setup=setup_photoverse, write=write_photoverse, read=read_photoverse),
+                         setup=setup_photoverse, write=photoverse_train.write_adapter,
+                         read=photoverse_train.read_adapter),
 }

@@ -298,18 +298,19 @@ def validation_images(models: PhotoVerseModels, faces: FaceFolder, cfg) -> tuple
     return images, {"face": faces.paths[0].name}
 
 
-def write_adapter(folder: Path, models: PhotoVerseModels, cfg, step: int, face_report: str) -> None:
-    """The result, the same for checkpoints and the final folder: the trained parts and nanobooth.json."""
-    base, clip_model = cfg.pretrained_model_name_or_path, cfg.clip_model or CLIP_MODEL
+def write_adapter(folder: Path, run, cfg, step: int) -> None:
+    """The result of a run (methods.Run), the same for checkpoints and the final folder: the trained parts and
+    nanobooth.json."""
+    base, clip_model, face_report = cfg.pretrained_model_name_or_path, cfg.clip_model or CLIP_MODEL, run.info["face_loss"]
     info = {"base_model": str(Path(base).resolve()) if Path(base).exists() else base,    # a Hub id stays an id
             "clip_model": str(Path(clip_model).resolve()) if Path(clip_model).exists() else clip_model,
             "face_loss": face_report}
-    save_adapter(folder / CHECKPOINT_NAME, models, {**info, "step": step})
+    save_adapter(folder / CHECKPOINT_NAME, run.models, {**info, "step": step})
     write_result_info(folder, {"method": "photoverse", "base_model": info["base_model"], "adapter": CHECKPOINT_NAME,
                                "face_loss": face_report, "step": step})
 
 
-def read_adapter(folder: Path, models: PhotoVerseModels) -> None:
-    """A checkpoint's trained parts back into the models, for --resume_from_checkpoint."""
-    check_base(read_adapter_meta(folder), models, models.vision, folder)
-    load_trained_parts(models, folder)
+def read_adapter(folder: Path, run, cfg) -> None:
+    """A checkpoint's trained parts back into the run's models, for --resume_from_checkpoint."""
+    check_base(read_adapter_meta(folder), run.models, run.models.vision, folder)
+    load_trained_parts(run.models, folder)

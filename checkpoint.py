@@ -30,6 +30,8 @@ LR_SCHEDULES = {  # multiplier of the base learning rate at optimizer step s (wa
     "constant_with_warmup": lambda s, w, n: min(1.0, (s + 1) / max(1, w)),
     "linear": lambda s, w, n: min((s + 1) / max(1, w), max(0.0, (n - s) / max(1, n - w))),
     "cosine": lambda s, w, n: min((s + 1) / max(1, w), 0.5 * (1 + math.cos(math.pi * max(0, s - w) / max(1, n - w)))),
+    # pretrain.py's: the warmup ramp times one cosine over all n steps (how the shipped toy models were made)
+    "warmup_times_cosine": lambda s, w, n: min(1.0, (s + 1) / max(1, w)) * 0.5 * (1 + math.cos(math.pi * min(s, n) / n)),
 }
 
 

@@ -425,7 +425,7 @@ def run_stage(name: str, cfg: PretrainConfig, pool: dict) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = min(cfg.warmup_steps, steps // 10)
-    schedule = checkpoint.lr_schedule(optimizer, "cosine", warmup, steps)          # train.py's --lr_scheduler cosine
+    schedule = checkpoint.lr_schedule(optimizer, "warmup_times_cosine", warmup, steps)
     step, seconds = 0, 0.0
     if (latest := checkpoint.latest_checkpoint(work)) is not None:
         state = checkpoint.load_state(latest)

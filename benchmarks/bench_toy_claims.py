@@ -269,7 +269,7 @@ def rescore(row: dict, work: Path) -> dict:
 # ----------------------------------------------------------------------------- summary
 
 
-METRICS = ("subject_present", "scene_acc", "prompt_align", "class_drift", "class_shape", "class_colours",
+METRICS = ("subject_present", "second_present", "scene_acc", "prompt_align", "class_drift", "class_shape", "class_colours",
            "class_shapes", "both_present", "identity", "identity_chance", "trained_parameters", "train_seconds",
            "seconds_per_image", "seconds_to_first_image")
 

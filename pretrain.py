@@ -9,7 +9,8 @@ Stages, in order (each reads the ones before it):
    32 px crops (the autoencoder is convolutional; a quarter of the pixels per sample). 30% of each batch are
    world.pattern_sample images (two-colour checkered and target patterns in random colours), so the codec keeps
    detail the world's captions never mention, such as the demo subjects'. Afterwards the latent scaling factor
-   is measured as 1 / std of the latents, as LDM chose 0.18215.
+   is measured as 1 / std of the latents, as LDM chose 0.18215. `--faces` (vae and sd stages) mixes in world.face
+   images captioned "a photo of a face": how assets/toy/face_model was made (Makefile `toy-faces`).
 2. `clip`: a CLIP (image_encoders.CLIPConfig.toy) trained contrastively (Radford et al. 2021), the symmetric
    InfoNCE loss with a learned temperature; pairs with the same caption count as matches. It is the toy runs'
    CLIP: CLIP-T in eval.py and the CLIP in ComFusion's and the object-driven method's losses, and its text
@@ -117,6 +118,12 @@ def parse_args(argv=None) -> PretrainConfig:
         value = getattr(cfg, name)
         if value is not None and not (value >= least if least else 0 < value < float("inf")):
             raise SystemExit(f"--{name} must be {'at least 1' if least else '> 0'}, got {value}")
+    for name in ("patterns", "faces", "colour_dropout"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise SystemExit(f"--{name} is a share of each batch, from 0 to 1, got {getattr(cfg, name)}")
+    if cfg.patterns + cfg.faces >= 1:
+        raise SystemExit(f"--patterns + --faces must leave room for the world's images (below 1), got "
+                         f"{cfg.patterns} + {cfg.faces}")
     if cfg.stage == "all" and (cfg.max_train_steps, cfg.train_batch_size, cfg.learning_rate) != (None, None, None):
         raise SystemExit("--max_train_steps/--train_batch_size/--learning_rate set one stage: give --stage too "
                          "(--steps_scale shortens all of them)")

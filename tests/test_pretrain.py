@@ -162,6 +162,11 @@ def test_bad_arguments_fail_early():
         pretrain.parse_args(["--max_train_steps", "5"])
     with pytest.raises(SystemExit, match="give --stage too"):
         pretrain.parse_args(["--stage", "all", "--train_batch_size", "8"])
+    with pytest.raises(SystemExit, match="--faces is a share of each batch, from 0 to 1, got 1.5"):
+        pretrain.parse_args(["--faces", "1.5"])
+    with pytest.raises(SystemExit, match="must leave room for the world's images"):
+        pretrain.parse_args(["--patterns", "0.6", "--faces", "0.5"])
+    assert pretrain.parse_args(["--stage", "vae", "--faces", "0.3", "--patterns", "0.2"]).faces == 0.3
     assert pretrain.parse_args(["--stage", "sd", "--max_train_steps", "5"]).max_train_steps == 5
 
 
